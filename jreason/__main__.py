@@ -1,0 +1,5 @@
+import sys
+
+from jreason.cli import main
+
+sys.exit(main())

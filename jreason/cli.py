@@ -1,0 +1,127 @@
+"""`jreason <subcommand>`: parse arguments, load config, call one entry function.
+
+Each subcommand lives in a small `_cmd_*` function that does nothing but translate arguments
+into a call into the library, so everything the CLI can do is also a Python API. Heavy imports
+(jax, transformers-free model code) happen inside the commands so `jreason --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _cmd_convert(args) -> int:
+    from jreason.model import hf, store
+
+    kw = dict(param_dtype=args.param_dtype)
+    if args.direction == "hf-to-jreason":
+        if not store.is_hf_dir(args.src):
+            raise SystemExit(f"error: {args.src} is not a Hugging Face model dir (no config.json)")
+        cfg, params = hf.load_hf(args.src, **kw)
+        out = store.save_model(
+            args.out, cfg, params, tokenizer_dir=args.src, overwrite=args.overwrite
+        )
+    else:
+        if not store.is_jreason_dir(args.src):
+            raise SystemExit(
+                f"error: {args.src} is not a jreason model dir (needs model.yaml and params/)"
+            )
+        cfg, params = store.load_jreason(args.src, **kw)
+        out = hf.save_hf(
+            args.out,
+            cfg,
+            params,
+            tokenizer_dir=args.src,
+            overwrite=args.overwrite,
+            max_shard_bytes=int(args.max_shard_gb * (1 << 30)),
+        )
+    print(f"wrote {out} ({cfg.family}, {cfg.n_params / 1e6:.1f}M params, {cfg.param_dtype})")
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from jreason import config as config_lib
+    from jreason.model import config as model_config
+    from jreason.model import hf, store
+    from jreason.model.transformer import abstract_model
+
+    path = Path(args.path)
+    if store.is_jreason_dir(path):
+        kind, cfg = "jreason", store.load_config_file(path)
+    elif store.is_hf_dir(path):
+        kind, cfg = "huggingface", hf.config_from_hf(hf.read_config(path))
+    elif not path.exists() and args.path in model_config.list_presets():
+        kind, cfg = "preset", model_config.load_config(args.path)
+    else:
+        raise SystemExit(
+            f"error: {path} is not a model directory (HF or jreason) or a preset "
+            f"({', '.join(model_config.list_presets())})"
+        )
+    _, shapes = abstract_model(cfg)
+    import jax
+
+    flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
+    tensors = [("/".join(str(k.key) for k in p), list(v.shape), str(v.dtype)) for p, v in flat]
+    files = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    report = {
+        "path": str(path),
+        "kind": kind,
+        "n_params": cfg.n_params,
+        "config": config_lib.to_dict(cfg),
+        "tensors": tensors,
+        "files": files,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{path}  [{kind}]  {cfg.family}  {cfg.n_params / 1e6:.2f}M params")
+    for k, v in report["config"].items():
+        print(f"  {k:<14} {v}")
+    print("  parameters:")
+    for name, shape, dtype in tensors:
+        print(f"    {name:<32} {str(tuple(shape)):<24} {dtype}")
+    if files:
+        print("  files: " + ", ".join(files))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jreason", description="Train and serve reasoning language models with JAX."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "convert",
+        help="convert checkpoints between Hugging Face and jreason formats",
+        description="hf-to-jreason DIR OUT | jreason-to-hf CKPT OUT",
+    )
+    p.add_argument("direction", choices=["hf-to-jreason", "jreason-to-hf"])
+    p.add_argument("src", help="source model directory")
+    p.add_argument("out", help="output directory (written atomically)")
+    p.add_argument("--param-dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    p.add_argument("--max-shard-gb", type=float, default=4.0, help="safetensors shard size")
+    p.set_defaults(fn=_cmd_convert)
+
+    p = sub.add_parser("inspect", help="show a model's config, size and tensors")
+    p.add_argument("path", help="HF dir, jreason dir or preset name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: procedural reasoning tasks with verifiers, answer checking for real datasets, pipelines."""

@@ -1,0 +1,143 @@
+"""Building blocks of the decoder: parameters with logical axes, RMSNorm, rotary embeddings, MLP.
+
+Every parameter carries logical axis names (`axes=("embed", "mlp")`) as NNX metadata; the one
+rules table in `jreason.sharding` turns them into mesh shardings, so no layer knows the mesh.
+Weights are stored in `param_dtype` and cast to the compute `dtype` where they are used; norms,
+softmax and rotary angles are computed in float32 whatever the compute dtype (as Hugging Face
+does), which is what keeps bf16 logits close to the reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jreason.model.config import ModelConfig, RopeConfig
+
+
+def param(rngs: nnx.Rngs, shape, axes, dtype, std: float | None) -> nnx.Param:
+    """A parameter with logical axis names; std=None means ones (norm scales), 0 means zeros."""
+    assert len(shape) == len(axes), (shape, axes)
+    if std is None:
+        value = jnp.ones(shape, dtype)
+    elif std == 0:
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, axes=tuple(axes))
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, param_dtype, *, axis_name: str = "norm", rngs):
+        self.scale = param(rngs, (dim,), (axis_name,), param_dtype, None)
+        self.eps = eps
+
+    def __call__(self, x):
+        dtype = x.dtype
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        # HF casts back to the input dtype before multiplying by the weight.
+        return self.scale[...].astype(dtype) * x32.astype(dtype)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D, F, pd, std = cfg.d_model, cfg.d_ff, cfg.param_dtype, cfg.init_std
+        self.gate_proj = param(rngs, (D, F), ("embed", "mlp"), pd, std)
+        self.up_proj = param(rngs, (D, F), ("embed", "mlp"), pd, std)
+        self.down_proj = param(rngs, (F, D), ("mlp", "embed"), pd, std)
+        if cfg.mlp_bias:
+            self.gate_bias = param(rngs, (F,), ("mlp",), pd, 0)
+            self.up_bias = param(rngs, (F,), ("mlp",), pd, 0)
+            self.down_bias = param(rngs, (D,), ("embed",), pd, 0)
+        self.bias = cfg.mlp_bias
+
+    def __call__(self, x_btd):
+        dt = x_btd.dtype
+        gate_btf = jnp.einsum("BTD,DF->BTF", x_btd, self.gate_proj[...].astype(dt))
+        up_btf = jnp.einsum("BTD,DF->BTF", x_btd, self.up_proj[...].astype(dt))
+        if self.bias:
+            gate_btf = gate_btf + self.gate_bias[...].astype(dt)
+            up_btf = up_btf + self.up_bias[...].astype(dt)
+        h_btf = jax.nn.silu(gate_btf) * up_btf
+        out_btd = jnp.einsum("BTF,FD->BTD", h_btf, self.down_proj[...].astype(dt))
+        if self.bias:
+            out_btd = out_btd + self.down_bias[...].astype(dt)
+        return out_btd
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary embeddings. Frequencies are computed once on the host in float64 numpy (they depend only
+# on the config), then the angles per position are computed in float32 inside the jitted step.
+
+
+def rope_frequencies(rope: RopeConfig, head_dim: int, max_seq_len: int) -> tuple[np.ndarray, float]:
+    """Returns (inv_freq of shape (H/2,), attention_factor) following HF's rope_type semantics."""
+    dim = head_dim
+    # float32 throughout, as the reference computes it: float64 here would shift the angles at
+    # long positions by more than the parity tolerance.
+    inv_freq = (1.0 / (rope.theta ** (np.arange(0, dim, 2).astype(np.float32) / dim))).astype(
+        np.float32
+    )
+    if rope.type == "default":
+        return inv_freq.astype(np.float32), 1.0
+    if rope.type == "linear":
+        return (inv_freq / rope.factor).astype(np.float32), 1.0
+    original = rope.original_max_position_embeddings or max_seq_len
+    if rope.type == "llama3":
+        low_wavelen = original / rope.low_freq_factor
+        high_wavelen = original / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (original / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32), 1.0
+    if rope.type == "yarn":
+        factor = rope.factor
+        attention_factor = rope.attention_factor
+        if attention_factor is None:
+            attention_factor = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+        def correction_dim(num_rotations):
+            return (dim * math.log(original / (num_rotations * 2 * math.pi))) / (
+                2 * math.log(rope.theta)
+            )
+
+        low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+        if rope.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001  # avoid a division by zero, as the reference does
+        # The ramp is computed in float32 in the reference; keep that to match it bit for bit.
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+        pos_freqs = rope.theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim)
+        extrapolation = 1.0 / pos_freqs
+        interpolation = 1.0 / (factor * pos_freqs)
+        keep = 1 - ramp
+        inv = interpolation * (1 - keep) + extrapolation * keep
+        return inv.astype(np.float32), float(attention_factor)
+    raise ValueError(
+        f"rope.type: unknown rope type {rope.type!r}; supported: default, linear, llama3, yarn"
+    )
+
+
+def apply_rope(x_btnh, positions_bt, inv_freq_h: np.ndarray, attention_factor: float):
+    """Rotates pairs (i, i + H/2) of each head ("rotate_half" layout, as in HF Llama/Qwen)."""
+    dtype = x_btnh.dtype
+    angles_bth = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq_h)[None, None]
+    cos_bt1h = (jnp.cos(angles_bth) * attention_factor)[:, :, None, :]
+    sin_bt1h = (jnp.sin(angles_bth) * attention_factor)[:, :, None, :]
+    # HF casts cos/sin to the activation dtype before rotating.
+    cos_bt1h, sin_bt1h = cos_bt1h.astype(dtype), sin_bt1h.astype(dtype)
+    x1, x2 = jnp.split(x_btnh, 2, axis=-1)
+    return jnp.concatenate([x1 * cos_bt1h - x2 * sin_bt1h, x2 * cos_bt1h + x1 * sin_bt1h], axis=-1)

@@ -1,0 +1,245 @@
+"""The decoder: `logits, cache = model.apply(params, tokens, positions, cache, segment_ids)`.
+
+Flax NNX modules are used functionally: `init_model` splits the module once into a static
+graphdef (kept in `Model`) and a plain nested dict of arrays (`params`), and every call merges
+them back inside whatever jitted function calls it. The params dict is what optax, orbax, the
+HF converter and the sharding rules see.
+
+The L decoder layers are stored stacked (each leaf has a leading L axis) and run with
+`jax.lax.scan`, so compile time does not grow with depth and one remat policy applies per layer.
+
+Two ways to call it:
+- training: `cache=None`, packed rows with `segment_ids` (0 = padding) and per-document
+  `positions`; attention never crosses documents.
+- inference: a cache from `init_cache`; prefill T tokens or decode T=1 per row, each row at its
+  own positions (see kv_cache.py for why slot index == position).
+Out of scope here: sampling (decode/), losses (train/), recurrent depth (recurrent.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jreason.model import kv_cache
+from jreason.model.attention import attention, make_mask
+from jreason.model.config import ModelConfig
+from jreason.model.layers import MLP, RMSNorm, apply_rope, param, rope_frequencies
+
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        pd, std = cfg.param_dtype, cfg.init_std
+        self.q_proj = param(rngs, (D, N, H), ("embed", "q_heads", "head_dim"), pd, std)
+        self.k_proj = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), pd, std)
+        self.v_proj = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), pd, std)
+        self.o_proj = param(rngs, (N, H, D), ("q_heads", "head_dim", "embed"), pd, std)
+        if cfg.qkv_bias:
+            self.q_bias = param(rngs, (N, H), ("q_heads", "head_dim"), pd, 0)
+            self.k_bias = param(rngs, (K, H), ("kv_heads", "head_dim"), pd, 0)
+            self.v_bias = param(rngs, (K, H), ("kv_heads", "head_dim"), pd, 0)
+        if cfg.o_bias:
+            self.o_bias = param(rngs, (D,), ("embed",), pd, 0)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(H, cfg.norm_eps, pd, axis_name="head_dim", rngs=rngs)
+            self.k_norm = RMSNorm(H, cfg.norm_eps, pd, axis_name="head_dim", rngs=rngs)
+        self.cfg = cfg
+
+    def __call__(self, x_btd, positions_bt, mask_bts, rope, kv=None):
+        cfg, dt = self.cfg, x_btd.dtype
+        q_btnh = jnp.einsum("BTD,DNH->BTNH", x_btd, self.q_proj[...].astype(dt))
+        k_btkh = jnp.einsum("BTD,DKH->BTKH", x_btd, self.k_proj[...].astype(dt))
+        v_btkh = jnp.einsum("BTD,DKH->BTKH", x_btd, self.v_proj[...].astype(dt))
+        if cfg.qkv_bias:
+            q_btnh = q_btnh + self.q_bias[...].astype(dt)
+            k_btkh = k_btkh + self.k_bias[...].astype(dt)
+            v_btkh = v_btkh + self.v_bias[...].astype(dt)
+        if cfg.qk_norm:
+            q_btnh, k_btkh = self.q_norm(q_btnh), self.k_norm(k_btkh)
+        q_btnh = apply_rope(q_btnh, positions_bt, *rope)
+        k_btkh = apply_rope(k_btkh, positions_bt, *rope)
+        if kv is None:
+            keys_bskh, values_bskh, new_kv = k_btkh, v_btkh, None
+        else:
+            new_kv = {
+                "k": kv_cache.write(kv["k"], k_btkh, positions_bt),
+                "v": kv_cache.write(kv["v"], v_btkh, positions_bt),
+            }
+            keys_bskh, values_bskh = new_kv["k"].astype(dt), new_kv["v"].astype(dt)
+        out_btnh = attention(q_btnh, keys_bskh, values_bskh, mask_bts, impl=cfg.attention_impl)
+        out_btd = jnp.einsum("BTNH,NHD->BTD", out_btnh, self.o_proj[...].astype(dt))
+        if cfg.o_bias:
+            out_btd = out_btd + self.o_bias[...].astype(dt)
+        return out_btd, new_kv
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x_btd, positions_bt, mask_bts, rope, kv=None):
+        h_btd, kv = self.attn(self.attn_norm(x_btd), positions_bt, mask_bts, rope, kv)
+        x_btd = x_btd + h_btd
+        x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
+        return x_btd, kv
+
+
+def _stacked_blocks(cfg: ModelConfig, key) -> Block:
+    """One Block whose every parameter has a leading L axis (built by vmapping the init)."""
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Block(cfg, rngs=nnx.Rngs(0))))
+    keys = jax.random.split(key, cfg.n_layers)
+    stacked = jax.vmap(lambda k: nnx.split(Block(cfg, rngs=nnx.Rngs(params=k)))[1])(keys)
+    return nnx.merge(graphdef, stacked)
+
+
+def run_layers(layers: Block, x_btd, positions_bt, mask_bts, rope, cache, remat: str):
+    """Scans the stacked layers over x; the cache (if any) is scanned alongside, per layer."""
+    graphdef, state = nnx.split(layers)
+
+    def body(x_btd, xs):
+        layer_state, kv = xs
+        return nnx.merge(graphdef, layer_state)(x_btd, positions_bt, mask_bts, rope, kv)
+
+    if remat != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    return jax.lax.scan(body, x_btd, (state, cache))
+
+
+class Decoder(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        V, D, pd = cfg.vocab_size, cfg.d_model, cfg.param_dtype
+        self.embed = param(rngs, (V, D), ("vocab", "embed"), pd, cfg.init_std)
+        self.layers = _stacked_blocks(cfg, rngs.params())
+        self.final_norm = RMSNorm(D, cfg.norm_eps, pd, rngs=rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = param(rngs, (D, V), ("embed", "vocab"), pd, cfg.init_std)
+        self.cfg = cfg
+
+    def embed_tokens(self, tokens_bt):
+        return jnp.take(self.embed[...], tokens_bt, axis=0).astype(self.cfg.dtype)
+
+    def logits(self, h_btd):
+        """Final-norm'd hidden states -> float32 logits."""
+        if self.cfg.tie_embeddings:
+            w = self.embed[...].astype(h_btd.dtype)
+            return jnp.einsum("BTD,VD->BTV", h_btd, w, preferred_element_type=jnp.float32)
+        w = self.lm_head[...].astype(h_btd.dtype)
+        return jnp.einsum("BTD,DV->BTV", h_btd, w, preferred_element_type=jnp.float32)
+
+    def __call__(
+        self,
+        tokens_bt,
+        positions_bt,
+        cache=None,
+        segment_ids_bt=None,
+        *,
+        inputs_embeds_btd=None,
+        return_hidden: bool = False,
+    ):
+        cfg = self.cfg
+        x_btd = self.embed_tokens(tokens_bt) if inputs_embeds_btd is None else inputs_embeds_btd
+        x_btd = x_btd.astype(cfg.dtype)
+        B = x_btd.shape[0]
+        if cache is None:
+            kv_positions_bs, kv_segments_bs = positions_bt, segment_ids_bt
+        else:
+            if segment_ids_bt is not None:
+                raise ValueError("segment_ids are for packed training rows; not with a cache")
+            S = cache["k"].shape[2]
+            kv_positions_bs = jnp.broadcast_to(jnp.arange(S, dtype=positions_bt.dtype), (B, S))
+            kv_segments_bs = None
+        mask_bts = make_mask(
+            positions_bt,
+            kv_positions_bs,
+            q_segment_ids_bt=segment_ids_bt,
+            kv_segment_ids_bs=kv_segments_bs,
+            sliding_window=cfg.sliding_window,
+        )
+        rope = rope_frequencies(cfg.rope, cfg.head_dim, cfg.max_seq_len)
+        x_btd, cache = run_layers(
+            self.layers, x_btd, positions_bt, mask_bts, rope, cache, cfg.remat
+        )
+        h_btd = self.final_norm(x_btd)
+        logits_btv = self.logits(h_btd)
+        if return_hidden:
+            return logits_btv, cache, h_btd
+        return logits_btv, cache
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """The static half of a split Decoder; `apply` takes the params as a plain pytree."""
+
+    cfg: ModelConfig
+    graphdef: Any
+
+    def module(self, params) -> Decoder:
+        return nnx.merge(self.graphdef, params)
+
+    def apply(self, params, tokens_bt, positions_bt, cache=None, segment_ids_bt=None, **kw):
+        return self.module(params)(tokens_bt, positions_bt, cache, segment_ids_bt, **kw)
+
+
+def _split(decoder: Decoder):
+    graphdef, state = nnx.split(decoder)
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def init_params(cfg: ModelConfig, key):
+    """Random params as a plain nested dict (jit this with out_shardings to init sharded)."""
+    return _split(Decoder(cfg, rngs=nnx.Rngs(params=key)))[1]
+
+
+def abstract_model(cfg: ModelConfig) -> tuple[Model, Any]:
+    """(Model, params as ShapeDtypeStructs): the target of a checkpoint or HF load."""
+    graphdef, params = _split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
+    return Model(cfg, graphdef), params
+
+
+def init_model(cfg: ModelConfig, key=None, *, mesh=None) -> tuple[Model, Any]:
+    """(Model, random params); with a mesh the params are created already sharded."""
+    from jreason import sharding
+
+    key = jax.random.key(0) if key is None else key
+    model, shapes = abstract_model(cfg)
+    out_shardings = None
+    if mesh is not None:
+        out_shardings = sharding.param_shardings(param_axes(cfg), mesh, shapes)
+    params = jax.jit(lambda k: init_params(cfg, k), out_shardings=out_shardings)(key)
+    return model, params
+
+
+def param_axes(cfg: ModelConfig) -> dict:
+    """Logical axis names of every parameter, as a dict mirroring params."""
+    decoder = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+    _, state = nnx.split(decoder)
+
+    def axes(path, var):
+        names = tuple(var.get_metadata()["axes"])
+        # Stacked layers carry a leading L axis that the per-layer init did not name.
+        return ("layers", *names) if path[0] == "layers" else names
+
+    flat = nnx.to_flat_state(state)
+    out: dict = {}
+    for path, var in flat:
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = axes(path, var)
+    return out
