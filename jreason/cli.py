@@ -88,6 +88,54 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _setup_logging() -> None:
+    import logging
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    for noisy in ("absl", "orbax", "jax._src", "grain"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _cmd_train(args) -> int:
+    from jreason.train.config import load_train_config
+    from jreason.train.sft import train
+
+    _setup_logging()
+    cfg = load_train_config(args.config, args.overrides)
+    report = train(cfg)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    """The built-in default experiment (configs/sft/demo.yaml), end to end on CPU."""
+    from jreason.config import repo_root
+    from jreason.train.config import load_train_config
+    from jreason.train.sft import train
+
+    _setup_logging()
+    cfg = load_train_config(repo_root() / "configs" / "sft" / "demo.yaml", args.overrides)
+    report = train(cfg)
+    run_dir = Path(report["run_dir"])
+    ev = report.get("eval", {})
+    print()
+    print(
+        f"demo: {cfg.data.task} task, {report['n_params'] / 1e6:.2f}M-param model, "
+        f"{report['step']} steps"
+    )
+    print(f"  final train loss      {report['final_loss']:.4f}")
+    if ev:
+        print(
+            f"  held-out accuracy     {ev['accuracy']:.1%} "
+            f"(greedy, {cfg.eval.num_examples} unseen problems)"
+        )
+    print(f"  run directory         {run_dir}")
+    print(f"  report / plot         {run_dir / 'report.json'}  {run_dir / 'plot.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jreason", description="Train and serve reasoning language models with JAX."
@@ -107,6 +155,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-gb", type=float, default=4.0, help="safetensors shard size")
     p.set_defaults(fn=_cmd_convert)
 
+    p = sub.add_parser(
+        "train",
+        help="supervised fine-tuning from a YAML experiment config",
+        description="jreason train --config configs/sft/demo.yaml optim.lr=3e-4 mesh.fsdp=4",
+    )
+    p.add_argument("--config", required=True, help="experiment YAML (configs/sft/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.set_defaults(fn=_cmd_train)
+
+    p = sub.add_parser(
+        "demo", help="the built-in default: tokenizer + tiny model SFT + eval, CPU, no downloads"
+    )
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides of configs/sft/demo.yaml")
+    p.set_defaults(fn=_cmd_demo)
+
     p = sub.add_parser("inspect", help="show a model's config, size and tensors")
     p.add_argument("path", help="HF dir, jreason dir or preset name")
     p.add_argument("--json", action="store_true")
@@ -118,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -385,8 +385,13 @@ def train_sentencepiece(
     lines_or_path: str | os.PathLike | Iterable[str],
     vocab_size: int,
     out_prefix: str | os.PathLike,
+    *,
+    split_digits: bool = True,
 ) -> Path:
     """Trains a small byte-fallback BPE sentencepiece model; returns the `.model` path.
+
+    `split_digits=False` lets BPE merge whole numbers into single tokens: a tiny model then
+    learns small-number arithmetic as lookups instead of digit-by-digit carries.
 
     `lines_or_path` is a text file (one sentence per line) or an iterable of lines. Settings are
     chosen so any text round-trips through encode/decode: identity normalization, no collapsing of
@@ -424,7 +429,7 @@ def train_sentencepiece(
         remove_extra_whitespaces=False,
         add_dummy_prefix=False,
         allow_whitespace_only_pieces=True,
-        split_digits=True,
+        split_digits=split_digits,
         # A sample is plenty for a tokenizer; this keeps training to seconds on any corpus.
         input_sentence_size=200_000,
         shuffle_input_sentence=True,

@@ -31,6 +31,21 @@ def param(rngs: nnx.Rngs, shape, axes, dtype, std: float | None) -> nnx.Param:
     return nnx.Param(value, axes=tuple(axes))
 
 
+def dense(x, w, n_in: int = 1, preferred_element_type=None):
+    """x (..., *in) @ w (*in, *out) -> (..., *out), computed as one 2-D matmul.
+
+    Equivalent to the einsum it replaces (e.g. 'BTD,DNH->BTNH'), but XLA:CPU runs the weight
+    gradient of a contraction over several dims (B and T) about 1.7x slower than a plain 2-D
+    matmul; flattening is free on TPU/GPU, where XLA canonicalizes to the same dot anyway.
+    """
+    lead, in_shape, out_shape = x.shape[: x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
+    k = math.prod(in_shape)
+    y = jnp.matmul(
+        x.reshape(-1, k), w.reshape(k, -1), preferred_element_type=preferred_element_type
+    )
+    return y.reshape(*lead, *out_shape)
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, param_dtype, *, axis_name: str = "norm", rngs):
         self.scale = param(rngs, (dim,), (axis_name,), param_dtype, None)
@@ -60,13 +75,13 @@ class MLP(nnx.Module):
 
     def __call__(self, x_btd):
         dt = x_btd.dtype
-        gate_btf = jnp.einsum("BTD,DF->BTF", x_btd, self.gate_proj[...].astype(dt))
-        up_btf = jnp.einsum("BTD,DF->BTF", x_btd, self.up_proj[...].astype(dt))
+        gate_btf = dense(x_btd, self.gate_proj[...].astype(dt))  # BTD,DF->BTF
+        up_btf = dense(x_btd, self.up_proj[...].astype(dt))  # BTD,DF->BTF
         if self.bias:
             gate_btf = gate_btf + self.gate_bias[...].astype(dt)
             up_btf = up_btf + self.up_bias[...].astype(dt)
         h_btf = jax.nn.silu(gate_btf) * up_btf
-        out_btd = jnp.einsum("BTF,FD->BTD", h_btf, self.down_proj[...].astype(dt))
+        out_btd = dense(h_btf, self.down_proj[...].astype(dt))  # BTF,FD->BTD
         if self.bias:
             out_btd = out_btd + self.down_bias[...].astype(dt)
         return out_btd

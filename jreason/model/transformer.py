@@ -28,7 +28,7 @@ from flax import nnx
 from jreason.model import kv_cache
 from jreason.model.attention import attention, make_mask
 from jreason.model.config import ModelConfig
-from jreason.model.layers import MLP, RMSNorm, apply_rope, param, rope_frequencies
+from jreason.model.layers import MLP, RMSNorm, apply_rope, dense, param, rope_frequencies
 
 REMAT_POLICIES = {
     "full": None,
@@ -58,9 +58,9 @@ class Attention(nnx.Module):
 
     def __call__(self, x_btd, positions_bt, mask_bts, rope, kv=None):
         cfg, dt = self.cfg, x_btd.dtype
-        q_btnh = jnp.einsum("BTD,DNH->BTNH", x_btd, self.q_proj[...].astype(dt))
-        k_btkh = jnp.einsum("BTD,DKH->BTKH", x_btd, self.k_proj[...].astype(dt))
-        v_btkh = jnp.einsum("BTD,DKH->BTKH", x_btd, self.v_proj[...].astype(dt))
+        q_btnh = dense(x_btd, self.q_proj[...].astype(dt))  # BTD,DNH->BTNH
+        k_btkh = dense(x_btd, self.k_proj[...].astype(dt))  # BTD,DKH->BTKH
+        v_btkh = dense(x_btd, self.v_proj[...].astype(dt))  # BTD,DKH->BTKH
         if cfg.qkv_bias:
             q_btnh = q_btnh + self.q_bias[...].astype(dt)
             k_btkh = k_btkh + self.k_bias[...].astype(dt)
@@ -78,7 +78,7 @@ class Attention(nnx.Module):
             }
             keys_bskh, values_bskh = new_kv["k"].astype(dt), new_kv["v"].astype(dt)
         out_btnh = attention(q_btnh, keys_bskh, values_bskh, mask_bts, impl=cfg.attention_impl)
-        out_btd = jnp.einsum("BTNH,NHD->BTD", out_btnh, self.o_proj[...].astype(dt))
+        out_btd = dense(out_btnh, self.o_proj[...].astype(dt), n_in=2)  # BTNH,NHD->BTD
         if cfg.o_bias:
             out_btd = out_btd + self.o_bias[...].astype(dt)
         return out_btd, new_kv
@@ -137,10 +137,10 @@ class Decoder(nnx.Module):
     def logits(self, h_btd):
         """Final-norm'd hidden states -> float32 logits."""
         if self.cfg.tie_embeddings:
-            w = self.embed[...].astype(h_btd.dtype)
-            return jnp.einsum("BTD,VD->BTV", h_btd, w, preferred_element_type=jnp.float32)
-        w = self.lm_head[...].astype(h_btd.dtype)
-        return jnp.einsum("BTD,DV->BTV", h_btd, w, preferred_element_type=jnp.float32)
+            w_dv = self.embed[...].astype(h_btd.dtype).T
+        else:
+            w_dv = self.lm_head[...].astype(h_btd.dtype)
+        return dense(h_btd, w_dv, preferred_element_type=jnp.float32)  # BTD,DV->BTV
 
     def __call__(
         self,

@@ -34,6 +34,9 @@ class ArithmeticConfig:
     num_operands: int = 4  # >= 2; the trace has num_operands - 1 steps
     max_value: int = 100  # operands are drawn from [1, max_value]
     ops: tuple[Op, ...] = ("+", "-", "*")  # "/" gives exact integer division only
+    # False: the prompt is the bare expression plus the answer format. A tiny model has no use
+    # for the English rules, and they would be most of its training tokens.
+    instructions: bool = True
 
     def __post_init__(self):
         check_int(self, "num_operands", 2)
@@ -98,6 +101,8 @@ class ArithmeticTask(Task):
             "Evaluate the expression below. Use the usual precedence: * and / before + and -, "
             "otherwise left to right. Every division is exact.\n\n"
             f"{expr}\n\n{ANSWER_INSTRUCTION}"
+            if cfg.instructions
+            else f"{expr}\n\\boxed{{...}}"
         )
         reasoning = "\n".join([expr, *steps])
         return prompt, reasoning, answer

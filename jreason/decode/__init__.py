@@ -1,0 +1,1 @@
+"""Decoding: sampling, the batch sampler, and (later) the continuous-batching engine."""

@@ -1,0 +1,1 @@
+"""Training: the SFT and RL loops and the pieces they share (state, step, metrics)."""

@@ -1,0 +1,129 @@
+"""What every trainer builds before its first step: mesh, tokenizer, model, and evaluation.
+
+Shared by SFT and RL so both read the same config sections the same way. A run directory keeps
+its tokenizer (`run_dir/tokenizer/`), so a resumed or exported run uses the exact same ids.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import jax
+
+from jreason import config as config_lib
+from jreason import sharding
+from jreason.data import pipeline
+from jreason.data.tasks import get_task
+from jreason.data.verify import score_math
+from jreason.decode.sampler import generate
+from jreason.model import config as model_config
+from jreason.model.store import load_model
+from jreason.model.transformer import init_model
+from jreason.tokenizer import load_tokenizer, train_sentencepiece
+
+log = logging.getLogger(__name__)
+
+
+def make_mesh(mesh_cfg):
+    return sharding.make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
+
+
+def build_tokenizer(cfg, run_dir: Path):
+    """The configured tokenizer, or a sentencepiece BPE trained on the task's own text."""
+    if cfg.tokenizer.path:
+        return load_tokenizer(cfg.tokenizer.path)
+    tok_dir = run_dir / "tokenizer"
+    model_file = tok_dir / "tokenizer.model"
+    if not model_file.is_file():
+        if cfg.data.source != "task":
+            raise config_lib.ConfigError(
+                "tokenizer.path: required unless data.source=task (a tokenizer is trained on "
+                "generated task text only)"
+            )
+        task = get_task(cfg.data.task, **cfg.data.task_knobs)
+        lines = []
+        for ex in task.generate(cfg.seed + 7919, cfg.tokenizer.train_examples):
+            lines += [ex.prompt, task.reference_completion(ex)]
+        tok_dir.mkdir(parents=True, exist_ok=True)
+        if jax.process_index() == 0:
+            train_sentencepiece(
+                lines,
+                cfg.tokenizer.vocab_size,
+                tok_dir / "tokenizer",
+                split_digits=cfg.tokenizer.split_digits,
+            )
+    return load_tokenizer(model_file)
+
+
+def build_model(cfg, tokenizer, mesh):
+    """(Model, params sharded over mesh, ModelConfig) from a checkpoint or a preset."""
+    spec = cfg.model
+    dtype_kw = {
+        k: getattr(spec, k)
+        for k in ("param_dtype", "dtype", "remat", "attention_impl")
+        if getattr(spec, k) is not None
+    }
+    if spec.init_from:
+        model_cfg, params = load_model(spec.init_from, mesh)
+        if spec.overrides or dtype_kw:
+            model_cfg = model_cfg.replace(**spec.overrides, **dtype_kw)
+            params = jax.tree.map(
+                lambda x: x.astype(model_cfg.param_dtype), params
+            )  # dtype policy may have changed
+        from jreason.model.transformer import abstract_model
+
+        model, _ = abstract_model(model_cfg)
+        if model_cfg.vocab_size < tokenizer.vocab_size:
+            raise config_lib.ConfigError(
+                f"model.init_from: vocab_size {model_cfg.vocab_size} is smaller than the "
+                f"tokenizer's {tokenizer.vocab_size}"
+            )
+        return model, params, model_cfg
+    if not spec.preset:
+        raise config_lib.ConfigError("model: set model.preset or model.init_from")
+    overrides = {"vocab_size": tokenizer.vocab_size, **spec.overrides, **dtype_kw}
+    base = model_config.load_config(spec.preset)
+    data = {**config_lib.to_dict(base), **config_lib.to_dict(overrides)}
+    data["eos_token_ids"] = [i for i in sorted(tokenizer.stop_ids)]
+    data["bos_token_id"], data["pad_token_id"] = tokenizer.bos_id, tokenizer.pad_id
+    model_cfg = config_lib.from_dict(model_config.ModelConfig, data)
+    model, params = init_model(model_cfg, jax.random.key(cfg.seed), mesh=mesh)
+    return model, params, model_cfg
+
+
+def evaluate(cfg, model, params, tokenizer) -> dict:
+    """Greedy held-out accuracy: generate for eval examples and score with the task verifier."""
+    n = cfg.eval.num_examples
+    if n <= 0:
+        return {}
+    examples = pipeline.eval_examples(cfg.data, n)
+    if cfg.data.source == "task":
+        task = get_task(cfg.data.task, **cfg.data.task_knobs)
+        score = task.score
+    else:
+        score = score_math
+    correct, lengths = 0.0, []
+    for i in range(0, n, cfg.eval.batch):
+        chunk = examples[i : i + cfg.eval.batch]
+        prompts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": ex.prompt}],
+                add_generation_prompt=True,
+                enable_thinking=cfg.data.thinking,
+                tokenize=True,
+            )
+            for ex in chunk
+        ]
+        outs = generate(
+            model,
+            params,
+            prompts,
+            max_new_tokens=cfg.eval.max_new_tokens,
+            stop_ids=sorted(tokenizer.stop_ids),
+            pad_id=tokenizer.pad_id or 0,
+        )
+        for ex, out in zip(chunk, outs):
+            correct += score(tokenizer.decode(out["tokens"]), ex.answer)
+            lengths.append(len(out["tokens"]))
+    return {"accuracy": correct / len(examples), "mean_length": sum(lengths) / len(lengths)}

@@ -1,0 +1,182 @@
+"""Supervised fine-tuning: the cross-entropy loss and the training loop around the shared step.
+
+`train(cfg)` is what `jreason train` and `make demo` run:
+
+    tokenizer (given, or trained on the task's text) -> model (preset or checkpoint) ->
+    grain iterator -> jitted step (sharded, donated) -> metrics / checkpoints / eval -> export
+
+Resuming is automatic: if `run_dir/checkpoints` holds a readable checkpoint, state and data
+position are restored from it and the run continues as if never interrupted (the exactness test
+kills a real process and compares final params bitwise). SIGTERM saves and exits cleanly.
+Only process 0 writes logs and reports; every process takes part in checkpointing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jreason import config as config_lib
+from jreason.data import pipeline
+from jreason.model.transformer import param_axes
+from jreason.train import checkpoint as ckpt_lib
+from jreason.train import metrics as metrics_lib
+from jreason.train import state as state_lib
+from jreason.train.config import TrainConfig
+from jreason.train.setup import build_model, build_tokenizer, evaluate, make_mesh
+from jreason.train.step import batch_sharding, compile_step, make_train_step
+
+log = logging.getLogger(__name__)
+
+
+def cross_entropy_loss(model, params, mb):
+    """Sum of next-token cross-entropy over loss-mask tokens (prompt and padding excluded)."""
+    logits_btv, _ = model.apply(params, mb["inputs"], mb["positions"], None, mb["segment_ids"])
+    ce_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv, mb["targets"])
+    mask_bt = mb["loss_mask"]
+    correct_bt = (jnp.argmax(logits_btv, axis=-1) == mb["targets"]) * mask_bt
+    return (ce_bt * mask_bt).sum(), {"n_tokens": mask_bt.sum(), "accuracy": correct_bt.sum()}
+
+
+LOSSES = {"cross_entropy": cross_entropy_loss}
+
+
+def to_global_batch(local: dict, mesh, grad_accum: int) -> dict:
+    """Process-local rows (b, T) -> global (A, B/A, T) arrays sharded over data/fsdp."""
+    sh = batch_sharding(mesh)
+    out = {}
+    for k, x in local.items():
+        x = np.asarray(x)
+        x = x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:])
+        global_shape = (grad_accum, x.shape[1] * jax.process_count(), *x.shape[2:])
+        out[k] = jax.make_array_from_process_local_data(sh, x, global_shape)
+    return out
+
+
+def train(cfg: TrainConfig) -> dict:
+    run_dir = Path(cfg.run_dir).absolute()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+    mesh = make_mesh(cfg.mesh)
+    tokenizer = build_tokenizer(cfg, run_dir)
+    model, params, model_cfg = build_model(cfg, tokenizer, mesh)
+    if is_main:
+        config_lib.save(cfg, run_dir / "config.yaml")
+        config_lib.save(model_cfg, run_dir / "model.yaml")
+
+    data_iter = pipeline.build_iterator(
+        cfg.data, tokenizer, process_index=jax.process_index(), process_count=jax.process_count()
+    )
+    optimizer, schedule = state_lib.make_optimizer(cfg.optim, cfg.steps)
+    axes = param_axes(model_cfg)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    st_shardings = state_lib.state_shardings(optimizer, shapes, axes, mesh)
+    state = jax.jit(
+        lambda p: state_lib.init_state(p, optimizer, cfg.seed), out_shardings=st_shardings
+    )(params)
+    del params
+
+    checkpointer = ckpt_lib.Checkpointer(
+        run_dir, max_to_keep=cfg.checkpoint.max_to_keep, async_save=cfg.checkpoint.async_save
+    )
+    start = 0
+    if cfg.checkpoint.resume:
+        target = state_lib.abstract_state(optimizer, shapes, st_shardings, cfg.seed)
+        restored = checkpointer.restore_latest(target)
+        if restored is not None:
+            start, state, data_state = restored
+            data_iter.set_state(data_state)
+            if is_main:
+                log.info("resumed from %s at step %d", checkpointer.directory, start)
+
+    step_fn = compile_step(
+        make_train_step(model, optimizer, schedule, LOSSES["cross_entropy"]), st_shardings, mesh
+    )
+    flops_per_token = metrics_lib.train_flops_per_token(model_cfg, cfg.data.seq_len)
+    device_kind = jax.devices()[0].device_kind
+    logger = metrics_lib.MetricsLogger(
+        run_dir, enabled=is_main, total_steps=cfg.steps, start_step=start
+    )
+    config_dict = config_lib.to_dict(cfg)
+
+    def save(step: int) -> None:
+        checkpointer.save(step, state, data_iter.get_state(), config_dict)
+
+    last_eval: dict = {}
+    t_last, tokens_since = time.perf_counter(), 0.0
+    pending = []  # (step, metrics) not yet fetched to host: keeps dispatch asynchronous
+    preempted = False
+    with ckpt_lib.PreemptionFlag() as preempt:
+        for step in range(start + 1, cfg.steps + 1):
+            if cfg.profile_steps and step == cfg.profile_steps[0]:
+                jax.profiler.start_trace(str(run_dir / "profile"))
+            batch = to_global_batch(next(data_iter), mesh, cfg.optim.grad_accum)
+            state, metrics = step_fn(state, batch)
+            pending.append((step, metrics))
+            if cfg.profile_steps and step == cfg.profile_steps[-1]:
+                jax.block_until_ready(state)
+                jax.profiler.stop_trace()
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                host = [(s, jax.device_get(m)) for s, m in pending]
+                pending.clear()
+                now = time.perf_counter()
+                tokens_since += sum(float(m["tokens"]) for _, m in host)
+                tok_s = tokens_since / max(now - t_last, 1e-9)
+                for s, m in host:
+                    row = {k: float(v) for k, v in m.items()}
+                    if s == step:
+                        row["tokens_per_s"] = tok_s
+                        row["mfu"] = metrics_lib.mfu(
+                            tok_s, flops_per_token, device_kind, jax.device_count()
+                        )
+                    logger.log(s, row)
+                t_last, tokens_since = now, 0.0
+            if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.steps:
+                last_eval = evaluate(cfg, model, state["params"], tokenizer)
+                logger.log(step, {f"eval_{k}": v for k, v in last_eval.items()})
+            if step % cfg.checkpoint.every == 0 or step == cfg.steps:
+                save(step)
+            if preempt:
+                if step % cfg.checkpoint.every:
+                    save(step)
+                log.warning("SIGTERM: saved step %d, exiting", step)
+                preempted = True
+                break
+    checkpointer.wait()
+    final_step = int(jax.device_get(state["step"]))
+    report = {"run_dir": str(run_dir), "step": final_step, "preempted": preempted}
+    if not preempted:
+        last_eval = evaluate(cfg, model, state["params"], tokenizer)
+        logger.log(final_step, {f"eval_{k}": v for k, v in last_eval.items()})
+        report["eval"] = last_eval
+        if cfg.export.hf and is_main:
+            from jreason.model.hf import save_hf
+
+            save_hf(
+                run_dir / "export-hf",
+                model_cfg,
+                state["params"],
+                tokenizer_dir=run_dir / "tokenizer",
+                overwrite=True,
+            )
+    logger.close()
+    checkpointer.close()
+    if is_main:
+        records = metrics_lib.read_jsonl(run_dir / "metrics.jsonl")
+        losses = [r["loss"] for r in records if r.get("loss") is not None]
+        report |= {
+            "final_loss": losses[-1] if losses else None,
+            "n_params": model_cfg.n_params,
+            "mesh": dict(mesh.shape),
+            "device": device_kind,
+        }
+        (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+        metrics_lib.plot_metrics(records, run_dir / "plot.png", keys=("loss", "eval_accuracy"))
+    return report
