@@ -112,3 +112,29 @@ def test_no_recompilation_after_first_step():
         state, m = step(state, to_global_batch(_batch(seed=1 + i), mesh, 1))
     jax.block_until_ready(m)
     assert len(compiles) == after_first, compiles[after_first:]
+
+
+@pytest.mark.parametrize(
+    "overrides,rtol",
+    [(["remat=full"], 1e-6), (["remat=dots"], 1e-6), (["dtype=bfloat16"], 2e-2)],
+    ids=["remat-full", "remat-dots", "bf16-compute-fp32-master"],
+)
+def test_remat_and_dtype_policy(overrides, rtol):
+    """Remat changes nothing numerically; bf16 compute over fp32 master weights stays close."""
+    mesh = make_mesh(devices=jax.devices()[:1])
+    runs = []
+    for extra in ([], overrides):
+        cfg = load_config("tiny-llama", ["vocab_size=64", "n_heads=4", "n_kv_heads=4", *extra])
+        model, params = init_model(cfg, jax.random.key(0))
+        optimizer, schedule = state_lib.make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0), 10)
+        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+        sh = state_lib.state_shardings(optimizer, shapes, param_axes(cfg), mesh)
+        state = jax.jit(lambda p: state_lib.init_state(p, optimizer, 0), out_shardings=sh)(params)
+        step = compile_step(make_train_step(model, optimizer, schedule, cross_entropy_loss), sh, mesh)
+        losses = []
+        for i in range(2):
+            state, m = step(state, to_global_batch(_batch(seed=i), mesh, 1))
+            losses.append(float(m["loss"]))
+        assert state["params"]["embed"].dtype == jnp.float32  # master weights stay fp32
+        runs.append(losses)
+    np.testing.assert_allclose(runs[1], runs[0], rtol=rtol)

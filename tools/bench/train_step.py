@@ -102,7 +102,7 @@ def bench(size: str, batch: int, seq: int, reps: int) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ref.parameters(), CLIP)
         topt.step()
-        return float(loss)
+        return float(loss.detach())
 
     t0 = time.perf_counter()
     state, m = step(state, gbatch)
