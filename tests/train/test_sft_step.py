@@ -34,8 +34,8 @@ def _batch(B=8, T=16, V=64, seed=0):
     }
 
 
-def _trainer(mesh):
-    cfg = load_config("tiny-llama", ["vocab_size=64", "n_heads=4", "n_kv_heads=4"])
+def _trainer(mesh, overrides=()):
+    cfg = load_config("tiny-llama", ["vocab_size=64", "n_heads=4", "n_kv_heads=4", *overrides])
     model, params = init_model(cfg, jax.random.key(0))
     optimizer, schedule = state_lib.make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0), 10)
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
@@ -76,10 +76,16 @@ def single_device_run():
     "shape", [dict(data=8), dict(fsdp=8), dict(data=2, fsdp=2, tensor=2)], ids=str
 )
 def test_losses_equal_across_meshes(single_device_run, shape):
+    # Losses must agree to 1e-5. Params get a looser absolute bound: Adam divides by sqrt(v), so
+    # a parameter whose gradient is ~0 turns reduction-order noise into a visible update; a
+    # wrong gradient would still show as a difference of order lr (1e-2).
+    # Losses must agree to 1e-5. Params get a looser absolute bound: Adam divides by sqrt(v), so
+    # a parameter whose gradient is ~0 turns reduction-order noise into a visible update; a
+    # wrong gradient would still show as a difference of order lr (1e-2).
     losses, params = _run(make_mesh(**shape))
     np.testing.assert_allclose(losses, single_device_run[0], rtol=1e-5)
     jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4),
         params,
         single_device_run[1],
     )
@@ -89,7 +95,7 @@ def test_gradient_accumulation_4x2_equals_batch_8(single_device_run):
     losses, params = _run(make_mesh(devices=jax.devices()[:1]), accum=4)
     np.testing.assert_allclose(losses, single_device_run[0], rtol=1e-5)
     jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4),
         params,
         single_device_run[1],
     )
@@ -124,13 +130,7 @@ def test_remat_and_dtype_policy(overrides, rtol):
     mesh = make_mesh(devices=jax.devices()[:1])
     runs = []
     for extra in ([], overrides):
-        cfg = load_config("tiny-llama", ["vocab_size=64", "n_heads=4", "n_kv_heads=4", *extra])
-        model, params = init_model(cfg, jax.random.key(0))
-        optimizer, schedule = state_lib.make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0), 10)
-        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-        sh = state_lib.state_shardings(optimizer, shapes, param_axes(cfg), mesh)
-        state = jax.jit(lambda p: state_lib.init_state(p, optimizer, 0), out_shardings=sh)(params)
-        step = compile_step(make_train_step(model, optimizer, schedule, cross_entropy_loss), sh, mesh)
+        _, state, step = _trainer(mesh, extra)
         losses = []
         for i in range(2):
             state, m = step(state, to_global_batch(_batch(seed=i), mesh, 1))
