@@ -97,7 +97,7 @@ def bench(size: str, batch: int, seq: int, reps: int) -> dict:
         "transformers tok/s": f"{hf:,.0f}",
         "ratio": f"{jr / hf:.2f}x",
         "jreason compile s": f"{compile_s:.2f}",
-        "max |dlogit|": f"{max_diff:.1e}",
+        "max abs dlogit": f"{max_diff:.1e}",
     }
 
 

@@ -132,7 +132,7 @@ def bench(size: str, batch: int, seq: int, reps: int) -> dict:
         "torch+transformers tok/s": f"{th_tps:,.0f}",
         "ratio": f"{jr_tps / th_tps:.2f}x",
         "jreason compile s": f"{compile_s:.1f}",
-        "step-1 |dloss|": f"{loss_diff:.1e}",
+        "step-1 abs dloss": f"{loss_diff:.1e}",
     }
 
 

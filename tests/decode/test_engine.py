@@ -1,0 +1,166 @@
+"""The continuous-batching engine: against the plain forward pass, compile counts, seeds, stops."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jreason.decode.engine import Engine, Request
+from jreason.model import init_model, load_config
+
+MAX_LEN = 64
+BUCKETS = (8, 16, 32)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = load_config("tiny-qwen3", ["vocab_size=64"])
+    # scale up the init so greedy continuations are not all one token
+    model, params = init_model(cfg.replace(init_std=0.2), jax.random.key(1))
+    return model, params
+
+
+def _engine(tiny, max_slots=2, **kw):
+    model, params = tiny
+    return Engine(model, params, max_slots=max_slots, max_len=MAX_LEN, buckets=BUCKETS, **kw)
+
+
+def _run_one(engine, request):
+    rid = engine.submit(request)
+    return engine.run_until_idle()[rid]
+
+
+def _argmax_reference(model, params, prompt, n):
+    """Greedy continuation by re-running the full forward (no cache) for every new token,
+    right-padded to a fixed length so one compilation serves every call (causality makes the
+    logits at position len-1 independent of the padding)."""
+    forward = jax.jit(lambda t: model.apply(params, t, jnp.arange(MAX_LEN)[None])[0])
+    seq = list(prompt)
+    for _ in range(n):
+        logits = forward(jnp.asarray([seq + [0] * (MAX_LEN - len(seq))]))
+        seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
+    return seq[len(prompt) :]
+
+
+def test_greedy_equals_full_forward_argmax_with_continuous_batching(tiny):
+    model, params = tiny
+    prompts = [[1, 5, 9], list(range(3, 17)), [2], [7, 7, 8, 30, 31], list(range(40, 60))]
+    n_new = [12, 5, 9, 14, 3]  # different lengths, so slots free up at different steps
+    engine = _engine(tiny, max_slots=2)  # fewer slots than requests: admission mid-flight
+    ids = [engine.submit(Request(p, max_tokens=n)) for p, n in zip(prompts, n_new)]
+    results = engine.run_until_idle()
+    for rid, prompt, n in zip(ids, prompts, n_new):
+        assert results[rid].tokens == _argmax_reference(model, params, prompt, n), rid
+        assert results[rid].finish_reason == "length"
+        assert results[rid].prompt_len == len(prompt)
+        assert len(results[rid].logprobs) == n
+
+
+def _mixed_requests(n, seed):
+    rng = np.random.default_rng(seed)
+    settings = [
+        {},  # greedy
+        {"temperature": 0.8},
+        {"temperature": 1.0, "top_k": 5},
+        {"temperature": 1.2, "top_p": 0.9},
+        {"temperature": 0.7, "min_p": 0.1, "stop_ids": [3, 4]},
+    ]
+    out = []
+    for i in range(n):
+        prompt = rng.integers(1, 64, size=int(rng.integers(1, 31))).tolist()  # buckets 8/16/32
+        kw = settings[i % len(settings)]
+        out.append(Request(prompt, max_tokens=int(rng.integers(1, 20)), seed=i, **kw))
+    return out
+
+
+def test_no_recompilation_in_steady_state(tiny):
+    compiles = []
+
+    def listener(event, duration, **kw):
+        if event.endswith("backend_compile_duration"):
+            compiles.append(event)
+
+    engine = _engine(tiny, max_slots=4)
+    # warm-up: one request per bucket, every kind of sampling setting, a stop-id finish
+    for r in _mixed_requests(15, seed=0) + [Request([1] * 30, max_tokens=2)]:
+        engine.submit(r)
+    engine.run_until_idle()
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        ids = [engine.submit(r) for r in _mixed_requests(50, seed=1)]
+        results = engine.run_until_idle()
+    finally:
+        unregister = getattr(
+            jax._src.monitoring, "_unregister_event_duration_listener_by_callback", None
+        )
+        if unregister is not None:
+            unregister(listener)
+    assert all(rid in results for rid in ids)
+    assert compiles == [], f"{len(compiles)} compilations after warm-up"
+
+
+def test_seeded_sampling_is_independent_of_slot_and_company(tiny):
+    probe = Request([4, 8, 15, 16], max_tokens=10, temperature=1.0, top_p=0.95, seed=7)
+
+    ref = _run_one(_engine(tiny, max_slots=3), probe)
+
+    crowded = _engine(tiny, max_slots=3)
+    fillers = [
+        Request([3, 1], max_tokens=3, temperature=0.9, seed=7),  # same seed, other prompt
+        Request(list(range(20)), max_tokens=20, temperature=1.0, top_k=4, seed=1),
+        Request([9, 9, 9], max_tokens=20, seed=2),
+    ]
+    for r in fillers:
+        crowded.submit(r)
+    rid = crowded.submit(probe)
+    while not any(run is not None and run.rid == rid for run in crowded.slots):
+        crowded.step()
+    # admitted mid-flight, into a later batch, next to requests already several tokens in
+    assert [run.rid for run in crowded.slots] == [rid, 1, 2]
+    assert len(crowded.slots[1].tokens) > len(crowded.slots[0].tokens) == 1
+    got = crowded.run_until_idle()[rid]
+
+    assert got.tokens == ref.tokens
+    np.testing.assert_allclose(got.logprobs, ref.logprobs, rtol=1e-5, atol=1e-6)
+    reseeded = Request(probe.prompt_ids, 10, temperature=1.0, top_p=0.95, seed=8)
+    assert _run_one(_engine(tiny, max_slots=3), reseeded).tokens != ref.tokens
+
+
+def test_stop_ids_max_tokens_and_full_cache_set_finish_reason(tiny):
+    engine = _engine(tiny, max_slots=2)
+    prompt = [1, 5, 9]
+    free = _run_one(engine, Request(prompt, max_tokens=12)).tokens
+    stop = free[3]
+    first = free.index(stop)
+
+    ids = {
+        "stop": engine.submit(Request(prompt, max_tokens=12, stop_ids=[63, stop])),
+        "length": engine.submit(Request(prompt, max_tokens=2, stop_ids=[63])),
+        "full": engine.submit(Request(list(range(1, 31)), max_tokens=100)),
+    }
+    results = engine.run_until_idle()
+    assert results[ids["stop"]].tokens == free[: first + 1]
+    assert results[ids["stop"]].finish_reason == "stop"
+    assert results[ids["length"]].tokens == free[:2]
+    assert results[ids["length"]].finish_reason == "length"
+    # the cache holds max_len tokens in all, prompt included
+    assert len(results[ids["full"]].tokens) == MAX_LEN - 30
+    assert results[ids["full"]].finish_reason == "length"
+
+
+def test_stop_strings_are_checked_on_the_host(tiny):
+    def detokenize(ids):
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+    engine = _engine(tiny, max_slots=2, detokenize=detokenize)
+    prompt = [1, 5, 9]
+    free = _run_one(engine, Request(prompt, max_tokens=12)).tokens
+    target = detokenize(free[4:6])
+    got = _run_one(engine, Request(prompt, max_tokens=12, stop_strings=[target]))
+    text = detokenize(free)
+    end = text.index(target) + len(target)  # one character per token here
+    assert got.tokens == free[:end]
+    assert got.finish_reason == "stop"
+    # the slot was released: the next request in it starts clean
+    assert _run_one(engine, Request(prompt, max_tokens=12)).tokens == free
