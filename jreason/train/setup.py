@@ -29,10 +29,22 @@ def make_mesh(mesh_cfg):
     return sharding.make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
 
 
+def tokenizer_dir(cfg, run_dir: Path) -> Path:
+    """Where the run's tokenizer files live (copied next to exported checkpoints)."""
+    if cfg.tokenizer.path:
+        path = Path(cfg.tokenizer.path)
+        return path if path.is_dir() else path.parent
+    if cfg.model.init_from:
+        return Path(cfg.model.init_from)
+    return run_dir / "tokenizer"
+
+
 def build_tokenizer(cfg, run_dir: Path):
-    """The configured tokenizer, or a sentencepiece BPE trained on the task's own text."""
+    """The configured tokenizer, the checkpoint's own, or a BPE trained on the task's text."""
     if cfg.tokenizer.path:
         return load_tokenizer(cfg.tokenizer.path)
+    if cfg.model.init_from:
+        return load_tokenizer(cfg.model.init_from)
     tok_dir = run_dir / "tokenizer"
     model_file = tok_dir / "tokenizer.model"
     if not model_file.is_file():

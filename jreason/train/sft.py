@@ -30,7 +30,7 @@ from jreason.train import checkpoint as ckpt_lib
 from jreason.train import metrics as metrics_lib
 from jreason.train import state as state_lib
 from jreason.train.config import TrainConfig
-from jreason.train.setup import build_model, build_tokenizer, evaluate, make_mesh
+from jreason.train.setup import build_model, build_tokenizer, evaluate, make_mesh, tokenizer_dir
 from jreason.train.step import batch_sharding, compile_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def train(cfg: TrainConfig) -> dict:
                 run_dir / "export-hf",
                 model_cfg,
                 state["params"],
-                tokenizer_dir=run_dir / "tokenizer",
+                tokenizer_dir=tokenizer_dir(cfg, run_dir),
                 overwrite=True,
             )
     logger.close()
