@@ -1,0 +1,233 @@
+"""Greedy decode throughput: jreason's sampler and engine vs transformers `generate`, one run.
+
+Builds a random Qwen2-shaped model with transformers, saves it, loads it into jreason, checks
+that greedy outputs agree token for token between transformers `generate`, the one-jit sampler
+(`jreason.decode.sampler.generate`) and the continuous-batching engine
+(`jreason.decode.engine.Engine`), then times the three alternately (several repetitions,
+medians) on a fixed batch of 32-token prompts + 128 new tokens in fp32. Compile time (first
+call) is reported separately. Also reports a roofline fraction: bytes read per decode step (fp32
+weights + KV cache at the mean length) x steps/s over the memory bandwidth measured here with a
+jitted copy of a ~512 MB array. Prints a table and appends it, with the command, date and device,
+to BENCHMARKS.md.
+
+    python tools/bench/decode.py                         # demo + 100M models, batch 1 and 16
+    python tools/bench/decode.py --sizes demo --reps 5 --no-record
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import append_report, device_name  # noqa: E402
+from forward import SIZES as FORWARD_SIZES  # noqa: E402
+
+SIZES = {
+    # name: (hidden, layers, heads, kv_heads, intermediate, vocab)
+    "demo": (128, 4, 4, 2, 384, 512),
+    "100m": FORWARD_SIZES["100m"],
+}
+PROMPT_LEN = 32
+NEW_TOKENS = 128
+
+
+def build_reference(size: str, path: Path):
+    import torch
+    import transformers
+
+    hidden, layers, heads, kv, inter, vocab = SIZES[size]
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        intermediate_size=inter,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    )
+    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def measure_bandwidth(mbytes: int = 512, reps: int = 5) -> float:
+    """GB/s of a jitted elementwise copy of a ~`mbytes` MB fp32 array (read + write counted)."""
+    n = mbytes * 2**20 // 4
+    x = jnp.arange(n, dtype=jnp.float32)
+    copy = jax.jit(lambda a: a + 1.0)  # + 1 so XLA cannot alias the input away
+    copy(x).block_until_ready()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        y = copy(x)
+        y.block_until_ready()
+        times.append(time.perf_counter() - t0)
+        del y
+    return 2 * x.nbytes / statistics.median(times) / 1e9
+
+
+def hf_generate(ref, prompts: np.ndarray) -> np.ndarray:
+    import torch
+
+    ids = torch.tensor(prompts)
+    with torch.no_grad():
+        out = ref.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    out = out[:, prompts.shape[1] :].numpy()
+    assert out.shape == (len(prompts), NEW_TOKENS), f"transformers gave {out.shape}"
+    return out
+
+
+def sampler_generate(model, params, prompts: np.ndarray) -> np.ndarray:
+    from jreason.decode.sampler import generate
+
+    res = generate(
+        model, params, prompts.tolist(), max_new_tokens=NEW_TOKENS, bucket=PROMPT_LEN
+    )  # returns host lists, so the device work is finished
+    return np.array([r["tokens"] for r in res])
+
+
+def engine_generate(engine, prompts: np.ndarray) -> np.ndarray:
+    from jreason.decode.engine import Request
+
+    rids = [engine.submit(Request(p.tolist(), max_tokens=NEW_TOKENS)) for p in prompts]
+    results = engine.run_until_idle()
+    out = np.array([results.pop(r).tokens for r in rids])
+    return out
+
+
+def first_diff(a: np.ndarray, b: np.ndarray) -> str:
+    if a.shape != b.shape:
+        return f"shapes {a.shape} vs {b.shape}"
+    rows, cols = np.nonzero(a != b)
+    if len(rows) == 0:
+        return "none"
+    return f"{len(set(rows.tolist()))} rows differ; first at row {rows[0]} token {cols[0]}"
+
+
+def bench(size: str, batches: list[int], reps: int, bandwidth: float) -> list[dict]:
+    from jreason.decode.engine import Engine
+    from jreason.model.hf import load_hf
+    from jreason.model.transformer import abstract_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = build_reference(size, Path(tmp))
+        cfg, params = load_hf(tmp, param_dtype="float32")
+    model, _ = abstract_model(cfg)
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    # K and V, fp32, per cached token of one row
+    kv_bytes_per_token = (
+        2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+    )
+    mean_len = PROMPT_LEN + NEW_TOKENS / 2
+
+    rows = []
+    for batch in batches:
+        rng = np.random.default_rng(batch)
+        prompts = rng.integers(1, cfg.vocab_size, size=(batch, PROMPT_LEN))
+        engine = Engine(model, params, max_slots=batch, max_len=PROMPT_LEN + NEW_TOKENS + 32)
+
+        # First calls: compile for jreason; checks that all three agree token for token.
+        t0 = time.perf_counter()
+        ours_s = sampler_generate(model, params, prompts)
+        sampler_compile = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ours_e = engine_generate(engine, prompts)
+        engine_compile = time.perf_counter() - t0
+        theirs = hf_generate(ref, prompts)
+        msg = (
+            f"{size} batch {batch}: sampler vs transformers: {first_diff(ours_s, theirs)}; "
+            f"engine vs transformers: {first_diff(ours_e, theirs)}; "
+            f"engine vs sampler: {first_diff(ours_e, ours_s)}"
+        )
+        print(msg, flush=True)
+        assert (ours_s == theirs).all() and (ours_e == theirs).all(), (
+            "greedy outputs differ: refusing to time different computations (" + msg + ")"
+        )
+
+        hf_t, s_t, e_t = [], [], []
+        for _ in range(reps):
+            # Fresh prompts each time so nothing is served from a cache of an identical call.
+            p = rng.integers(1, cfg.vocab_size, size=(batch, PROMPT_LEN))
+            t0 = time.perf_counter()
+            hf_generate(ref, p)
+            hf_t.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            sampler_generate(model, params, p)
+            s_t.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            engine_generate(engine, p)
+            e_t.append(time.perf_counter() - t0)
+
+        n = batch * NEW_TOKENS
+        hf, s, e = (n / statistics.median(t) for t in (hf_t, s_t, e_t))
+        step_bytes = weight_bytes + batch * mean_len * kv_bytes_per_token
+
+        def roofline(tok_s, batch=batch, step_bytes=step_bytes):
+            steps_s = tok_s / batch
+            return f"{step_bytes * steps_s / (bandwidth * 1e9):.1%}"
+
+        rows.append(
+            {
+                "model": f"Qwen2 {size} ({cfg.n_params / 1e6:.2f}M)",
+                "batch": batch,
+                "transformers tok/s": f"{hf:,.1f}",
+                "sampler tok/s": f"{s:,.1f}",
+                "engine tok/s": f"{e:,.1f}",
+                "sampler / tf": f"{s / hf:.2f}x",
+                "engine / tf": f"{e / hf:.2f}x",
+                "compile s (sampler, engine)": f"{sampler_compile:.2f}, {engine_compile:.2f}",
+                "MB read/step": f"{step_bytes / 1e6:.2f}",
+                "roofline (sampler, engine)": f"{roofline(s)}, {roofline(e)}",
+                "greedy match": "exact",
+            }
+        )
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--sizes", nargs="+", default=["demo", "100m"], choices=sorted(SIZES))
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument(
+        "--no-record", action="store_true", help="print only; do not touch BENCHMARKS.md"
+    )
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    bandwidth = measure_bandwidth()
+    print(f"measured memory bandwidth (jitted 512 MB copy): {bandwidth:.1f} GB/s", flush=True)
+    rows = [r for s in args.sizes for r in bench(s, args.batches, args.reps, bandwidth)]
+    append_report(
+        f"Greedy decode (fp32, {PROMPT_LEN}-token prompts + {NEW_TOKENS} new tokens): "
+        f"jreason sampler and engine vs transformers; memory bandwidth {bandwidth:.1f} GB/s",
+        rows,
+        command="python tools/bench/decode.py " + " ".join(sys.argv[1:]),
+        device=device_name(),
+        record=not args.no_record,
+    )
+
+
+if __name__ == "__main__":
+    main()
