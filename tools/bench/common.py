@@ -10,6 +10,29 @@ from pathlib import Path
 BENCHMARKS = Path(__file__).resolve().parents[2] / "BENCHMARKS.md"
 
 
+def random_qwen2(shape: tuple, *, tie: bool = True, seed: int = 0):
+    """A random transformers Qwen2ForCausalLM: the reference every benchmark loads into jreason.
+
+    shape = (hidden, layers, heads, kv_heads, intermediate, vocab).
+    """
+    import torch
+    import transformers
+
+    hidden, layers, heads, kv, inter, vocab = shape
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        intermediate_size=inter,
+        max_position_embeddings=4096,
+        tie_word_embeddings=tie,
+    )
+    return transformers.Qwen2ForCausalLM(cfg).eval()
+
+
 def device_name() -> str:
     import jax
 

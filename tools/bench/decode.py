@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_report, device_name  # noqa: E402
+from common import append_report, device_name, random_qwen2  # noqa: E402
 from forward import SIZES as FORWARD_SIZES  # noqa: E402
 
 SIZES = {
@@ -42,22 +42,7 @@ NEW_TOKENS = 128
 
 
 def build_reference(size: str, path: Path):
-    import torch
-    import transformers
-
-    hidden, layers, heads, kv, inter, vocab = SIZES[size]
-    torch.manual_seed(0)
-    cfg = transformers.Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        intermediate_size=inter,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-    )
-    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    model = random_qwen2(SIZES[size])
     model.save_pretrained(path)
     return model
 

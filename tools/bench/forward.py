@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_report, device_name  # noqa: E402
+from common import append_report, device_name, random_qwen2  # noqa: E402
 
 SIZES = {
     # name: (hidden, layers, heads, kv_heads, intermediate, vocab)
@@ -33,22 +33,7 @@ SIZES = {
 
 
 def build_reference(size: str, path: Path):
-    import torch
-    import transformers
-
-    hidden, layers, heads, kv, inter, vocab = SIZES[size]
-    torch.manual_seed(0)
-    cfg = transformers.Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        intermediate_size=inter,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-    )
-    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    model = random_qwen2(SIZES[size])
     model.save_pretrained(path)
     return model
 

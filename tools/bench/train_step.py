@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_report, device_name  # noqa: E402
+from common import append_report, device_name, random_qwen2  # noqa: E402
 
 SIZES = {
     # name: (hidden, layers, heads, kv_heads, intermediate, vocab)
@@ -35,7 +35,6 @@ LR, WD, B1, B2, EPS, CLIP = 1e-4, 0.0, 0.9, 0.95, 1e-8, 1.0
 
 def bench(size: str, batch: int, seq: int, reps: int) -> dict:
     import torch
-    import transformers
 
     from jreason.model.hf import load_hf
     from jreason.model.transformer import abstract_model, param_axes
@@ -45,19 +44,8 @@ def bench(size: str, batch: int, seq: int, reps: int) -> dict:
     from jreason.train.sft import cross_entropy_loss, to_global_batch
     from jreason.train.step import compile_step, make_train_step
 
-    hidden, layers, heads, kv, inter, vocab = SIZES[size]
-    torch.manual_seed(0)
-    hf_cfg = transformers.Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        intermediate_size=inter,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-    )
-    ref = transformers.Qwen2ForCausalLM(hf_cfg).train()
+    vocab = SIZES[size][-1]
+    ref = random_qwen2(SIZES[size], tie=False).train()
     with tempfile.TemporaryDirectory() as tmp:
         ref.save_pretrained(tmp)
         cfg, params = load_hf(tmp, param_dtype="float32")
