@@ -1,9 +1,9 @@
 """The continuous-batching engine: against the plain forward pass, compile counts, seeds, stops."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from greedy_reference import argmax_reference
 
 from jreason.decode.engine import Engine, Request
 from jreason.model import init_model, load_config
@@ -30,18 +30,6 @@ def _run_one(engine, request):
     return engine.run_until_idle()[rid]
 
 
-def _argmax_reference(model, params, prompt, n):
-    """Greedy continuation by re-running the full forward (no cache) for every new token,
-    right-padded to a fixed length so one compilation serves every call (causality makes the
-    logits at position len-1 independent of the padding)."""
-    forward = jax.jit(lambda t: model.apply(params, t, jnp.arange(MAX_LEN)[None])[0])
-    seq = list(prompt)
-    for _ in range(n):
-        logits = forward(jnp.asarray([seq + [0] * (MAX_LEN - len(seq))]))
-        seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
-    return seq[len(prompt) :]
-
-
 def test_greedy_equals_full_forward_argmax_with_continuous_batching(tiny):
     model, params = tiny
     prompts = [[1, 5, 9], list(range(3, 17)), [2], [7, 7, 8, 30, 31], list(range(40, 60))]
@@ -50,7 +38,9 @@ def test_greedy_equals_full_forward_argmax_with_continuous_batching(tiny):
     ids = [engine.submit(Request(p, max_tokens=n)) for p, n in zip(prompts, n_new)]
     results = engine.run_until_idle()
     for rid, prompt, n in zip(ids, prompts, n_new):
-        assert results[rid].tokens == _argmax_reference(model, params, prompt, n), rid
+        assert results[rid].tokens == argmax_reference(model, params, prompt, n, length=MAX_LEN), (
+            rid
+        )
         assert results[rid].finish_reason == "length"
         assert results[rid].prompt_len == len(prompt)
         assert len(results[rid].logprobs) == n

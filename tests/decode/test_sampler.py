@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from greedy_reference import argmax_reference
 
 from jreason.decode.sampler import generate
 from jreason.decode.sampling import SamplingArrays, sample
@@ -18,27 +19,12 @@ def tiny():
     return model, params
 
 
-def _argmax_reference(model, params, prompt, n):
-    """Greedy continuation by re-running the full forward (no cache) for every new token.
-
-    The sequence is right-padded to a fixed length so one compilation serves every call:
-    causal attention makes the logits at position len-1 independent of what follows.
-    """
-    L = 32
-    forward = jax.jit(lambda t: model.apply(params, t, jnp.arange(L)[None])[0])
-    seq = list(prompt)
-    for _ in range(n):
-        logits = forward(jnp.asarray([seq + [0] * (L - len(seq))]))
-        seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
-    return seq[len(prompt) :]
-
-
 def test_greedy_equals_full_forward_argmax_for_mixed_lengths(tiny):
     model, params = tiny
     prompts = [[1, 5, 9], [3, 4, 5, 6, 7, 8, 9, 10, 11], [2]]
     outs = generate(model, params, prompts, max_new_tokens=12, bucket=8)
     for prompt, out in zip(prompts, outs):
-        assert out["tokens"] == _argmax_reference(model, params, prompt, 12)
+        assert out["tokens"] == argmax_reference(model, params, prompt, 12)
 
 
 def test_stop_tokens_end_rows_independently(tiny):
