@@ -136,6 +136,121 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _generate_options(args):
+    from jreason.jobs.generate import GenerateOptions
+
+    return GenerateOptions(
+        n=args.n,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        chat=not args.raw_prompt,
+        enable_thinking=not args.no_thinking,
+        min_thinking_tokens=args.min_thinking_tokens,
+        max_thinking_tokens=args.max_thinking_tokens,
+        continuation=args.continuation,
+        answer_prefix=args.answer_prefix,
+        max_answer_tokens=args.max_answer_tokens,
+        chunk_size=args.chunk_size,
+        keep_head=args.keep_head,
+        keep_tail=args.keep_tail,
+        max_chunks=args.max_chunks,
+        max_slots=args.max_slots,
+        max_len=args.max_len,
+        logprobs=getattr(args, "logprobs", False),
+    )
+
+
+def _cmd_generate(args) -> int:
+    from jreason.jobs.generate import load_engine, run_generate
+
+    opts = _generate_options(args)
+    if not Path(args.input).is_file():
+        raise FileNotFoundError(f"--input {args.input} not found")
+    engine, tokenizer = load_engine(args.model, opts, param_dtype=args.param_dtype)
+    stats = run_generate(engine, tokenizer, args.input, args.output, opts)
+    print(json.dumps(stats, indent=2))
+    return 0
+
+
+def _budget(text: str) -> int | None:
+    if text.lower() in ("none", "inf", "unlimited"):
+        return None
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"budget {text!r} must be >= 1 or 'none'")
+    return value
+
+
+def _knobs(pairs: list[str]) -> dict:
+    from jreason import config as config_lib
+
+    out = {}
+    for pair in pairs:
+        key, value = config_lib.parse_override(pair)
+        out[".".join(key)] = value
+    return out
+
+
+def _cmd_eval(args) -> int:
+    from jreason.jobs.generate import load_engine
+    from jreason.jobs.sweep import run_eval
+
+    opts = _generate_options(args)
+    engine, tokenizer = load_engine(args.model, opts, param_dtype=args.param_dtype)
+    summary = run_eval(
+        engine,
+        tokenizer,
+        args.out,
+        opts,
+        input_path=args.input,
+        task=args.task,
+        knobs=_knobs(args.knob),
+        num=args.num,
+        seed=args.problem_seed,
+        budgets=tuple(args.budgets),
+    )
+    from jreason.jobs.evaluate import format_table
+
+    print(format_table(summary))
+    print(f"report: {Path(args.out) / 'report'}")
+    return 0
+
+
+def _add_generation_flags(p) -> None:
+    p.add_argument("--model", required=True, help="Hugging Face or jreason model directory")
+    p.add_argument("--param-dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    g = p.add_argument_group("sampling")
+    g.add_argument("--n", type=int, default=1, help="samples per prompt")
+    g.add_argument("--max-tokens", type=int, default=1024, help="cap on the whole completion")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--raw-prompt", action="store_true", help="no chat template for 'prompt'")
+    g.add_argument("--no-thinking", action="store_true", help="enable_thinking=False")
+    g = p.add_argument_group("thinking budgets (s1 budget forcing, Elastic Reasoning)")
+    g.add_argument("--min-thinking-tokens", type=int, default=0)
+    g.add_argument("--max-thinking-tokens", type=int, default=None)
+    g.add_argument("--continuation", default="Wait", help="replaces an early </think>")
+    g.add_argument("--answer-prefix", default="", help="follows a forced </think>")
+    g.add_argument("--max-answer-tokens", type=int, default=None, help="solution budget")
+    g = p.add_argument_group("Markovian thinking (Delethink)")
+    g.add_argument("--chunk-size", type=int, default=None, help="C; enables Markovian mode")
+    g.add_argument("--keep-head", type=int, default=0)
+    g.add_argument("--keep-tail", type=int, default=None, help="default C/2 - keep_head")
+    g.add_argument("--max-chunks", type=int, default=8)
+    g = p.add_argument_group("engine")
+    g.add_argument("--max-slots", type=int, default=16, help="concurrent sequences")
+    g.add_argument("--max-len", type=int, default=None, help="KV cache length per slot")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jreason", description="Train and serve reasoning language models with JAX."
@@ -170,6 +285,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides of configs/sft/demo.yaml")
     p.set_defaults(fn=_cmd_demo)
 
+    p = sub.add_parser(
+        "generate",
+        help="resumable batch inference over a JSONL file of prompts",
+        description="jreason generate --model DIR --input prompts.jsonl --output out.jsonl",
+    )
+    p.add_argument("--input", required=True, help='JSONL: {"id", "prompt" | "messages", ...}')
+    p.add_argument("--output", required=True, help="JSONL results, appended; rerun to resume")
+    p.add_argument("--logprobs", action="store_true", help="also write token ids and logprobs")
+    _add_generation_flags(p)
+    p.set_defaults(fn=_cmd_generate)
+
+    p = sub.add_parser(
+        "eval",
+        help="accuracy, pass@k, maj@k and accuracy vs thinking budget",
+        description="jreason eval --model DIR --task arithmetic --n 4 --budgets 32 64 none",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--task", help="a procedural task (graded by its checker)")
+    src.add_argument("--input", help='JSONL with "prompt"/"messages" and "answer"')
+    p.add_argument("--knob", action="append", default=[], help="task knob key=value")
+    p.add_argument("--num", type=int, default=64, help="task problems")
+    p.add_argument("--problem-seed", type=int, default=1234, help="task problem stream")
+    p.add_argument("--budgets", nargs="+", type=_budget, default=[None], help="ints or none")
+    p.add_argument("--out", required=True, help="output directory (resumable)")
+    _add_generation_flags(p)
+    p.set_defaults(fn=_cmd_eval)
+
     p = sub.add_parser("inspect", help="show a model's config, size and tensors")
     p.add_argument("path", help="HF dir, jreason dir or preset name")
     p.add_argument("--json", action="store_true")
@@ -181,7 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:  # ConfigError is a ValueError
+    except (
+        FileNotFoundError,
+        FileExistsError,
+        ValueError,
+        RuntimeError,
+    ) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
 

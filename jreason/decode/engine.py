@@ -1,47 +1,41 @@
-"""The continuous-batching decode engine: a fixed pool of slots over one preallocated KV cache.
+"""The continuous-batching decode engine: requests in, results out, over the slots of slots.py.
 
-Four pure, jitted pieces and a small host-side scheduler over them:
+`Engine` keeps a FIFO queue and a fixed pool of slots. Each `step()` admits queued requests
+into free slots (prefill + insert), dispatches one jitted `generate` for every slot, and then
+handles the *previous* step's tokens on the host while the device runs this one, so the host's
+bookkeeping overlaps device work instead of adding to every token's latency. A request that
+ends frees its slot for the next queued one at once: a long request never holds back short ones.
 
-- `prefill`: one request's prompt, right-padded to a length bucket, through the model with a
-  fresh single-row cache; returns that row's cache and the logits of the first new token.
-- `insert`: writes the prefilled row into slot `b` of the big cache (the slot index is traced,
-  so one compilation serves every slot) and sets that slot's per-request arrays.
-- `generate`: one token for every slot at once. Sample from each slot's pending logits, check
-  stop ids and budgets, feed the token back through the model at the slot's own position, keep
-  the new logits for the next step. The state (cache included) is donated.
-- `release`: marks a slot inactive (needed only when the host ends a request early, e.g. on a
-  stop string; budgets and stop ids end slots inside `generate`).
+A request runs as one or more device *segments*. The device ends a segment on a stop id or on
+the segment's token budget; between segments the scheduler applies the request's policies:
+- thinking budgets (budget.py): an early `</think>` is replaced by "Wait" (`extend`), a spent
+  thinking budget appends `</think>` + an answer prefix (`extend`), the answer gets its own
+  budget (Elastic Reasoning);
+- Markovian chunks (markovian.py): a full chunk resets the context to query + carryover,
+  re-prefilled into the same slot from position 0 (`prefill` + `insert`);
+- otherwise the request finishes with reason "stop" or "length".
+Stop strings are matched on the host (they need detokenization); the slot is then released.
 
-Slots are cache rows. Because slot index == position (kv_cache.py), a new request in a slot just
-restarts at position 0: the stale entries of the previous request are beyond the new request's
-positions, invisible by causality, and overwritten before they could be seen.
-
-Every shape is fixed by (max_slots, max_len, the prefill buckets, max_stop_ids), and every
-per-request setting is an array, so nothing recompiles in steady state
-(tests/decode/test_engine.py counts compilations).
-
-Sampling is reproducible per request: the key of generated token i of a request is
-`fold_in(key(seed), i)`, drawn per row, so the tokens do not depend on the slot a request lands
-in or on what else is running.
-
-Left out here (see issue 4): Markovian chunking (markovian.py), thinking budgets (budget.py),
-sharding of the cache across devices, and overlapping the host step with the device step.
+Results carry the whole trace with per-token logprobs (NaN for forced tokens, which the policy
+did not sample), the finish reason, per-chunk records (context, tokens, logprobs: what RL trains
+on), thinking tokens and the peak context length the slot held.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
+import math
 from collections.abc import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jreason.decode.sampling import SamplingArrays, sample
-from jreason.model.kv_cache import init_cache
-from jreason.model.transformer import Model
+from jreason.decode import slots
+from jreason.decode.budget import ThinkingBudget
+from jreason.decode.markovian import MarkovianConfig, chunk_room, reset_context
+from jreason.decode.sampling import SamplingArrays
+from jreason.model.transformer import Model, unstack_layers
 
 FINISH_REASONS = ("stop", "length")
 
@@ -52,6 +46,7 @@ class Request:
 
     `stop_ids` end generation on the device (the stop token is kept in the output);
     `stop_strings` are checked on the host with the engine's `detokenize` callback.
+    `max_tokens` caps the whole trace (thinking, forced tokens and answer, over all chunks).
     """
 
     prompt_ids: Sequence[int]
@@ -63,163 +58,71 @@ class Request:
     seed: int = 0
     stop_ids: Sequence[int] = ()
     stop_strings: Sequence[str] = ()
+    thinking: ThinkingBudget | None = None
+    markovian: MarkovianConfig | None = None
+
+
+@dataclasses.dataclass
+class Chunk:
+    """One context the model generated from: RL recomputes logprobs of `tokens` given `context`."""
+
+    context: list[int]
+    tokens: list[int]
+    logprobs: list[float]  # NaN where the token was forced, not sampled
 
 
 @dataclasses.dataclass
 class Result:
     tokens: list[int]
-    logprobs: list[float]
+    logprobs: list[float]  # NaN for forced tokens
     finish_reason: str  # one of FINISH_REASONS
     prompt_len: int
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeState:
-    """Everything the device needs about the B slots; a pytree, donated to every step."""
-
-    cache: dict  # {"k", "v"}: (L, B, S, K, H)
-    logits_bv: jax.Array  # (B, V) float32: logits of the token each slot samples next
-    pos_b: jax.Array  # (B,) int32: position the next sampled token is fed at
-    n_b: jax.Array  # (B,) int32: tokens generated so far (the PRNG token index)
-    max_tokens_b: jax.Array  # (B,) int32
-    seed_b: jax.Array  # (B,) uint32
-    active_b: jax.Array  # (B,) bool
-    stop_bz: jax.Array  # (B, Z) int32 stop ids, -1 padded
-    sampling: SamplingArrays
-
-
-jax.tree_util.register_dataclass(
-    DecodeState,
-    data_fields=[f.name for f in dataclasses.fields(DecodeState)],
-    meta_fields=[],
-)
-
-
-def init_state(model: Model, max_slots: int, max_len: int, max_stop_ids: int = 8) -> DecodeState:
-    B = max_slots
-    return DecodeState(
-        cache=init_cache(model.cfg, B, max_len),
-        logits_bv=jnp.zeros((B, model.cfg.vocab_size), jnp.float32),
-        pos_b=jnp.zeros((B,), jnp.int32),
-        n_b=jnp.zeros((B,), jnp.int32),
-        max_tokens_b=jnp.zeros((B,), jnp.int32),
-        seed_b=jnp.zeros((B,), jnp.uint32),
-        active_b=jnp.zeros((B,), bool),
-        stop_bz=jnp.full((B, max_stop_ids), -1, jnp.int32),
-        sampling=SamplingArrays.fill(B),
-    )
-
-
-def prefill_buckets(max_len: int, min_bucket: int = 16) -> tuple[int, ...]:
-    """Powers of two from min_bucket, then multiples of 512, and max_len itself."""
-    out, b = [], min_bucket
-    while b < min(max_len, 512):
-        out.append(b)
-        b *= 2
-    b = 512
-    while b < max_len:
-        out.append(b)
-        b += 512
-    return (*out, max_len)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def prefill(model: Model, params, tokens_1p, length):
-    """(cache row {"k","v"}: (L, 1, P, K, H), logits of the first new token (V,) float32).
-
-    Padding tokens past `length` land in the cache at positions >= length; the request's own
-    tokens overwrite them before any query can see them.
-    """
-    P = tokens_1p.shape[1]
-    cache = init_cache(model.cfg, 1, P)
-    positions_1p = jnp.arange(P, dtype=jnp.int32)[None]
-    logits_1pv, cache = model.apply(params, tokens_1p, positions_1p, cache)
-    return cache, logits_1pv[0, length - 1]
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def insert(state: DecodeState, row_cache, logits_v, slot, length, max_tokens, seed, stop_z, sp):
-    """Puts a prefilled request into `slot` (traced: one compilation per prefill bucket)."""
-
-    def put_row(big_lbskh, row_l1pkh):
-        return jax.lax.dynamic_update_slice(big_lbskh, row_l1pkh, (0, slot, 0, 0, 0))
-
-    def set_b(a_b, v):
-        return a_b.at[slot].set(v)
-
-    return DecodeState(
-        cache=jax.tree.map(put_row, state.cache, row_cache),
-        logits_bv=set_b(state.logits_bv, logits_v),
-        pos_b=set_b(state.pos_b, length),
-        n_b=set_b(state.n_b, 0),
-        max_tokens_b=set_b(state.max_tokens_b, max_tokens),
-        seed_b=set_b(state.seed_b, seed),
-        active_b=set_b(state.active_b, True),
-        stop_bz=set_b(state.stop_bz, stop_z),
-        sampling=jax.tree.map(set_b, state.sampling, sp),
-    )
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def release(state: DecodeState, slot) -> DecodeState:
-    return dataclasses.replace(state, active_b=state.active_b.at[slot].set(False))
-
-
-def _sample_rows(logits_bv, keys_b, sp: SamplingArrays):
-    """`sample` row by row, each row with its own key."""
-
-    def one(logits_v, key, sp_row):
-        tok_1, lp_1 = sample(logits_v[None], key, jax.tree.map(lambda a: a[None], sp_row))
-        return tok_1[0], lp_1[0]
-
-    return jax.vmap(one)(logits_bv, keys_b, sp)
-
-
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def generate(model: Model, params, state: DecodeState):
-    """One token for every active slot: (state, tokens (B,), logprobs (B,), done (B,)).
-
-    `done` is set on the step that produced a request's last token (stop id, max_tokens, or the
-    cache is full); inactive slots compute garbage that is never read and never moves them.
-    """
-    max_len = state.cache["k"].shape[2]
-    keys_b = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(
-        state.seed_b, state.n_b
-    )
-    tok_b, lp_b = _sample_rows(state.logits_bv, keys_b, state.sampling)
-    active_b = state.active_b
-
-    # feed the new token at its position; inactive slots feed at their frozen position
-    logits_b1v, cache = model.apply(params, tok_b[:, None], state.pos_b[:, None], state.cache)
-    n_b = state.n_b + active_b
-    pos_b = state.pos_b + active_b
-    stop_b = jnp.any(tok_b[:, None] == state.stop_bz, axis=-1)
-    # pos_b == max_len: the next token would have no cache slot to be fed at
-    done_b = active_b & (stop_b | (n_b >= state.max_tokens_b) | (pos_b >= max_len))
-    state = dataclasses.replace(
-        state,
-        cache=cache,
-        logits_bv=logits_b1v[:, 0],
-        pos_b=pos_b,
-        n_b=n_b,
-        active_b=active_b & ~done_b,
-    )
-    return state, tok_b, lp_b, done_b
+    chunks: list[Chunk]
+    thinking_tokens: int | None  # tokens before </think>; None if the engine cannot tell
+    peak_context: int  # the most tokens the request's slot held at once
 
 
 @dataclasses.dataclass
 class _Running:
     rid: int
     request: Request
-    tokens: list[int]
-    logprobs: list[float]
+    trace: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    chunks: list[Chunk] = dataclasses.field(default_factory=list)
+    n_sampled: int = 0
+    thinking_tokens: int | None = None  # set when the thinking phase ends
+    answer_start: int = 0
+    pending: list[int] = dataclasses.field(default_factory=list)  # forced, not yet fed
+    needs_prefill: bool = True
+    finished: bool = False
+
+    @property
+    def chunk(self) -> Chunk:
+        return self.chunks[-1]
+
+    @property
+    def pos(self) -> int:
+        """Position of the next token the device will feed."""
+        return len(self.chunk.context) + len(self.chunk.tokens) - len(self.pending)
+
+    def append(self, tokens: Sequence[int], logprobs: Sequence[float]) -> None:
+        self.trace += tokens
+        self.logprobs += logprobs
+        self.chunk.tokens += tokens
+        self.chunk.logprobs += logprobs
+
+    def pop(self) -> None:
+        for seq in (self.trace, self.logprobs, self.chunk.tokens, self.chunk.logprobs):
+            seq.pop()
 
 
 class Engine:
     """Slots + a FIFO queue. `submit` requests, then call `step()` in a loop (a server's engine
     thread does) or `run_until_idle()`; finished requests come back as `Result`s.
 
-    `detokenize(token_ids) -> str` is needed only for requests with stop strings.
+    `detokenize(token_ids) -> str` is needed only for requests with stop strings;
+    `think_end_id` (the tokenizer's `</think>`) lets results report thinking tokens for
+    requests without a thinking budget.
     """
 
     def __init__(
@@ -233,104 +136,236 @@ class Engine:
         max_stop_ids: int = 8,
         pad_id: int = 0,
         detokenize: Callable[[list[int]], str] | None = None,
+        think_end_id: int | None = None,
     ):
         max_len = max_len or model.cfg.max_seq_len
         if max_len > model.cfg.max_seq_len:
-            raise ValueError(f"max_len={max_len} exceeds the model's max_seq_len")
-        self.model, self.params = model, params
+            raise ValueError(
+                f"max_len={max_len} exceeds the model's max_seq_len={model.cfg.max_seq_len}"
+            )
+        # per-layer weights: the layout the cached (unrolled) forward reads without copies
+        self.model, self.params = model, unstack_layers(params)
         self.max_slots, self.max_len = max_slots, max_len
-        self.buckets = tuple(sorted(buckets or prefill_buckets(max_len)))
+        self.buckets = tuple(sorted(buckets or slots.prefill_buckets(max_len)))
         if self.buckets[-1] > max_len:
             raise ValueError(f"buckets={self.buckets}: every bucket must be <= max_len={max_len}")
         self.max_stop_ids, self.pad_id, self.detokenize = max_stop_ids, pad_id, detokenize
-        self.state = init_state(model, max_slots, max_len, max_stop_ids)
-        self.queue: collections.deque[tuple[int, Request]] = collections.deque()
+        self.think_end_id = think_end_id
+        self.state = slots.init_state(model, max_slots, max_len, max_stop_ids)
+        self.queue: collections.deque[_Running] = collections.deque()
         self.slots: list[_Running | None] = [None] * max_slots
         self.results: dict[int, Result] = {}
+        self._inflight = None  # (device outputs, slot snapshot) of the step not yet read back
         self._next_id = 0
 
-    # ---- the device pieces, on this engine's state ----------------------------------------
+    def set_params(self, params) -> None:
+        """New weights (e.g. after an RL update); running requests continue with them."""
+        self.params = unstack_layers(params)
+
+    # ---- validation and submission ----------------------------------------------------------
 
     def bucket(self, n: int) -> int:
         for b in self.buckets:
             if n <= b:
                 return b
-        raise ValueError(f"prompt of {n} tokens is longer than the largest bucket {self.buckets}")
+        raise ValueError(f"context of {n} tokens is longer than the largest bucket {self.buckets}")
 
-    def prefill(self, request: Request):
-        prompt = list(request.prompt_ids)
-        tokens = np.full((1, self.bucket(len(prompt))), self.pad_id, np.int32)
-        tokens[0, : len(prompt)] = prompt
-        return prefill(self.model, self.params, tokens, np.int32(len(prompt)))
-
-    def insert(self, slot: int, request: Request, row_cache, logits_v) -> None:
-        stop_z = np.full((self.max_stop_ids,), -1, np.int32)
-        stop_z[: len(request.stop_ids)] = list(request.stop_ids)
-        sp = SamplingArrays(
-            temperature=np.float32(request.temperature),
-            top_k=np.int32(request.top_k),
-            top_p=np.float32(request.top_p),
-            min_p=np.float32(request.min_p),
-        )
-        self.state = insert(
-            self.state,
-            row_cache,
-            logits_v,
-            np.int32(slot),
-            np.int32(len(request.prompt_ids)),
-            np.int32(request.max_tokens),
-            np.uint32(request.seed % 2**32),
-            stop_z,
-            sp,
-        )
-
-    def generate(self):
-        self.state, tok_b, lp_b, done_b = generate(self.model, self.params, self.state)
-        return tok_b, lp_b, done_b
-
-    def release(self, slot: int) -> None:
-        self.state = release(self.state, np.int32(slot))
-        self.slots[slot] = None
-
-    # ---- the scheduler ----------------------------------------------------------------------
-
-    def submit(self, request: Request) -> int:
+    def check(self, request: Request) -> None:
+        """Raises ValueError naming what is wrong with a request this engine cannot run."""
         n = len(request.prompt_ids)
         if n == 0:
-            raise ValueError("submit: prompt_ids is empty")
-        if n >= self.max_len:
-            raise ValueError(
-                f"submit: prompt of {n} tokens leaves no room (max_len={self.max_len})"
-            )
-        self.bucket(n)  # raises if too long for every bucket
+            raise ValueError("prompt_ids is empty")
         if request.max_tokens < 1:
-            raise ValueError(f"submit: max_tokens={request.max_tokens} must be >= 1")
-        if len(request.stop_ids) > self.max_stop_ids:
-            raise ValueError(f"submit: more than max_stop_ids={self.max_stop_ids} stop ids")
+            raise ValueError(f"max_tokens={request.max_tokens} must be >= 1")
+        mk = request.markovian
+        if mk is not None:
+            if n + mk.chunk_size > self.max_len:
+                raise ValueError(
+                    f"prompt of {n} tokens + markovian chunk_size={mk.chunk_size} exceeds the "
+                    f"engine's max_len={self.max_len}"
+                )
+        elif n >= self.max_len:
+            raise ValueError(
+                f"prompt of {n} tokens leaves no room to generate (max_len={self.max_len}); "
+                "use markovian mode or a shorter prompt"
+            )
+        self.bucket(n)
+        if mk is not None:
+            self.bucket(n + mk.carryover)  # the context a Markovian reset prefills
+        tb = request.thinking
+        if tb is not None:
+            self.bucket(max(len(tb.continuation_ids), len(tb.forced_end())))  # `extend`s
+        n_stop = len(request.stop_ids) + (request.thinking is not None)
+        if n_stop > self.max_stop_ids:
+            raise ValueError(f"{n_stop} stop ids (with </think>) exceed max_stop_ids")
         if request.stop_strings and self.detokenize is None:
-            raise ValueError("submit: stop_strings need an Engine(detokenize=...) callback")
+            raise ValueError("stop_strings need an Engine(detokenize=...) callback")
+        if request.temperature < 0 or not math.isfinite(request.temperature):
+            raise ValueError(f"temperature={request.temperature} must be finite and >= 0")
+        if not 0 < request.top_p <= 1:
+            raise ValueError(f"top_p={request.top_p} must be in (0, 1]")
+
+    def submit(self, request: Request) -> int:
+        try:
+            self.check(request)
+        except ValueError as e:
+            raise ValueError(f"submit: {e}") from None
         rid, self._next_id = self._next_id, self._next_id + 1
-        self.queue.append((rid, request))
+        self.queue.append(_Running(rid, request))
         return rid
 
     def has_work(self) -> bool:
-        return bool(self.queue) or any(s is not None for s in self.slots)
+        return bool(self.queue) or any(s is not None for s in self.slots) or bool(self._inflight)
 
-    def _admit(self) -> None:
+    def running(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    # ---- arming the device for a request's next segment --------------------------------------
+
+    def _stop_z(self, run: _Running) -> np.ndarray:
+        stop = list(run.request.stop_ids)
+        if run.request.thinking is not None and run.thinking_tokens is None:
+            stop.append(run.request.thinking.think_end_id)
+        stop_z = np.full((self.max_stop_ids,), -1, np.int32)
+        stop_z[: len(stop)] = stop
+        return stop_z
+
+    def _budget(self, run: _Running) -> tuple[int, str | None]:
+        """(tokens the next segment may sample, or <= 0 with the limit that is spent)."""
+        req, tb, mk = run.request, run.request.thinking, run.request.markovian
+        rooms = {"max_tokens": req.max_tokens - len(run.trace)}
+        if tb is not None and run.thinking_tokens is None:
+            rooms["thinking"] = tb.thinking_room(len(run.trace))
+        elif tb is not None:
+            rooms["answer"] = tb.answer_room(len(run.trace) - run.answer_start)
+        if mk is not None:
+            query = len(req.prompt_ids)
+            rooms["chunk"] = chunk_room(query, len(run.chunk.context), len(run.chunk.tokens), mk)
+        else:
+            rooms["cache"] = self.max_len - len(run.chunk.context) - len(run.chunk.tokens)
+        rooms = {k: v for k, v in rooms.items() if v is not None}
+        limit = min(rooms, key=rooms.get)
+        return rooms[limit], (limit if rooms[limit] <= 0 else None)
+
+    def _force(self, run: _Running, tokens: list[int]) -> None:
+        run.append(tokens, [math.nan] * len(tokens))
+        run.pending += tokens
+
+    def _reset(self, run: _Running) -> None:
+        """Markovian reset: a new chunk whose context is the query + the trace's carryover."""
+        context = reset_context(run.request.prompt_ids, run.trace, run.request.markovian)
+        run.chunks.append(Chunk(context, [], []))
+        run.pending, run.needs_prefill = [], True
+
+    def _advance(self, slot: int, run: _Running) -> str | None:
+        """Applies the policies until the request can run another segment (then arms the slot
+        and returns None) or is finished (returns the finish reason)."""
+        req, tb, mk = run.request, run.request.thinking, run.request.markovian
+        while True:
+            room, spent = self._budget(run)
+            if spent == "chunk" and run.pending:
+                # forced tokens that overflow the chunk were never in its context: they go
+                # into the next context instead (or nowhere, if the request ends here)
+                del run.chunk.tokens[-len(run.pending) :]
+                del run.chunk.logprobs[-len(run.pending) :]
+                run.pending = []
+            if len(run.trace) >= req.max_tokens:
+                return "length"  # max_tokens caps everything, forced tokens included
+            if spent == "thinking":
+                run.thinking_tokens = len(run.trace)
+                self._force(run, tb.forced_end()[: req.max_tokens - len(run.trace)])
+                run.answer_start = len(run.trace)
+                continue
+            if spent == "chunk":
+                if len(run.chunks) >= mk.max_chunks:
+                    return "length"
+                self._reset(run)
+                continue
+            if spent is not None:
+                return "length"
+            break
+        stop_z = self._stop_z(run)
+        max_tokens = np.int32(run.n_sampled + room)
+        if run.needs_prefill:
+            context = run.chunk.context
+            tokens = np.full((1, self.bucket(len(context))), self.pad_id, np.int32)
+            tokens[0, : len(context)] = context
+            row, logits = slots.prefill(self.model, self.params, tokens, np.int32(len(context)))
+            sp = SamplingArrays(
+                temperature=np.float32(req.temperature),
+                top_k=np.int32(req.top_k),
+                top_p=np.float32(req.top_p),
+                min_p=np.float32(req.min_p),
+            )
+            self.state = slots.insert(
+                self.state,
+                row,
+                logits,
+                np.int32(slot),
+                np.int32(len(context)),
+                np.int32(run.n_sampled),
+                max_tokens,
+                np.uint32(req.seed % 2**32),
+                stop_z,
+                sp,
+            )
+            run.needs_prefill = False
+        elif run.pending:
+            n = len(run.pending)
+            tokens = np.full((1, self.bucket(n)), self.pad_id, np.int32)
+            tokens[0, :n] = run.pending
+            start = run.pos
+            self.state = slots.extend(
+                self.model,
+                self.params,
+                self.state,
+                np.int32(slot),
+                tokens,
+                np.int32(start),
+                np.int32(n),
+                max_tokens,
+                stop_z,
+            )
+        else:
+            self.state = slots.set_controls(self.state, np.int32(slot), max_tokens, stop_z)
+        run.pending = []
+        return None
+
+    # ---- the scheduler ----------------------------------------------------------------------
+
+    def _admit(self) -> list[tuple[int, Result]]:
+        finished = []
         for slot in range(self.max_slots):
-            if not self.queue:
-                return
-            if self.slots[slot] is None:
-                rid, request = self.queue.popleft()
-                self.insert(slot, request, *self.prefill(request))
-                self.slots[slot] = _Running(rid, request, [], [])
+            while self.queue and self.slots[slot] is None:
+                run = self.queue.popleft()
+                run.chunks.append(Chunk(list(run.request.prompt_ids), [], []))
+                self.slots[slot] = run
+                reason = self._advance(slot, run)
+                if reason is not None:  # nothing to run (cannot happen for a checked request)
+                    finished.append(self._finish(slot, run, reason))
+        return finished
 
-    def _finish(self, slot: int, reason: str) -> tuple[int, Result]:
-        run = self.slots[slot]
+    def _finish(self, slot: int, run: _Running, reason: str) -> tuple[int, Result]:
+        run.finished = True
         self.slots[slot] = None
-        result = Result(run.tokens, run.logprobs, reason, len(run.request.prompt_ids))
+        thinking = run.thinking_tokens
+        if thinking is None and self._think_end(run) is not None:
+            thinking = len(run.trace)
+        result = Result(
+            tokens=run.trace,
+            logprobs=run.logprobs,
+            finish_reason=reason,
+            prompt_len=len(run.request.prompt_ids),
+            chunks=run.chunks,
+            thinking_tokens=thinking,
+            peak_context=max(len(c.context) + len(c.tokens) for c in run.chunks),
+        )
         self.results[run.rid] = result
         return run.rid, result
+
+    def _think_end(self, run: _Running) -> int | None:
+        tb = run.request.thinking
+        return tb.think_end_id if tb is not None else self.think_end_id
 
     def _hit_stop_string(self, run: _Running) -> bool:
         stops = run.request.stop_strings
@@ -339,33 +374,60 @@ class Engine:
         # a stop string of c characters spans at most c tokens (each token decodes to >= 1
         # character, byte-fallback pieces aside), plus one for a piece it may start inside
         window = max(len(s) for s in stops) + 1
-        text = self.detokenize(run.tokens[-window:])
+        text = self.detokenize(run.trace[-window:])
         return any(s in text for s in stops)
 
-    def step(self) -> list[tuple[int, Result]]:
-        """Admits queued requests into free slots, advances every slot one token, and returns
-        the (request id, Result) of each request that finished on this step."""
-        self._admit()
-        if not any(s is not None for s in self.slots):
-            return []
-        tok_b, lp_b, done_b = jax.device_get(self.generate())  # the one host transfer per step
+    def _on_token(self, slot: int, run: _Running, tok: int, lp: float, done: bool):
+        """Handles one sampled token; returns a finish reason or None."""
+        req, tb = run.request, run.request.thinking
+        run.n_sampled += 1
+        run.append([tok], [lp])
+        if run.thinking_tokens is None and tok == self._think_end(run):
+            keep_thinking = tb.on_think_end(len(run.trace) - 1) if tb is not None else None
+            if keep_thinking is not None and len(run.trace) < req.max_tokens:
+                # s1: replace the early </think> with "Wait" (as much as max_tokens allows)
+                run.pop()
+                self._force(run, keep_thinking[: req.max_tokens - len(run.trace)])
+            else:
+                run.thinking_tokens = len(run.trace) - 1
+                run.answer_start = len(run.trace)
+        if done and tok in req.stop_ids:
+            return "stop"
+        if self._hit_stop_string(run):
+            if not done:
+                self.state = slots.release(self.state, np.int32(slot))
+            return "stop"
+        if done:
+            return self._advance(slot, run)
+        return None
+
+    def _read_back(self, outputs, snapshot) -> list[tuple[int, Result]]:
+        tok_b, lp_b, done_b, was_b = jax.device_get(outputs)  # the one transfer per step
         finished = []
-        for slot, run in enumerate(self.slots):
-            if run is None:
-                continue
-            tok = int(tok_b[slot])
-            run.tokens.append(tok)
-            run.logprobs.append(float(lp_b[slot]))
-            if done_b[slot]:
-                reason = "stop" if tok in run.request.stop_ids else "length"
-                finished.append(self._finish(slot, reason))
-            elif self._hit_stop_string(run):
-                finished.append(self._finish(slot, "stop"))
-                self.release(slot)  # the device still thinks the slot is running
+        for slot, run in enumerate(snapshot):
+            if run is None or run.finished or not was_b[slot]:
+                continue  # empty, ended by the host after this step was dispatched, or parked
+            reason = self._on_token(slot, run, int(tok_b[slot]), float(lp_b[slot]), done_b[slot])
+            if reason is not None:
+                finished.append(self._finish(slot, run, reason))
+        return finished
+
+    def step(self) -> list[tuple[int, Result]]:
+        """Admits queued requests, dispatches one device step for every slot, and reads back the
+        previous step's tokens meanwhile; returns the (request id, Result) of each request that
+        finished in the step read back."""
+        finished = self._admit()
+        dispatched = None
+        if any(run is not None for run in self.slots):
+            self.state, *outputs = slots.generate(self.model, self.params, self.state)
+            dispatched = (outputs, list(self.slots))
+        if self._inflight:
+            finished += self._read_back(*self._inflight)
+        self._inflight = dispatched
         return finished
 
     def run_until_idle(self) -> dict[int, Result]:
-        """Steps until the queue and every slot are empty; returns {request id: Result}."""
+        """Steps until the queue, every slot and the pipeline are empty; {request id: Result}."""
         while self.has_work():
             self.step()
         return self.results

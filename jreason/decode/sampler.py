@@ -19,11 +19,13 @@ import numpy as np
 
 from jreason.decode.sampling import SamplingArrays, sample
 from jreason.model.kv_cache import init_cache
+from jreason.model.transformer import unstack_layers
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5))
 def _generate(model, params, tokens_bp, lengths_b, sampling, max_new_tokens, stop_ids, key):
     B, P = tokens_bp.shape
+    params = unstack_layers(params)  # one copy per call, outside the loop (transformer.py)
     cache = init_cache(model.cfg, B, P + max_new_tokens)
     positions_bp = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
     logits_bpv, cache = model.apply(params, tokens_bp, positions_bp, cache)
@@ -40,8 +42,8 @@ def _generate(model, params, tokens_bp, lengths_b, sampling, max_new_tokens, sto
 
     def body(carry):
         t, logits_bv, out_bn, logp_bn, done_b, n_b, cache, key = carry
-        key, sub = jax.random.split(key)
-        tok_b, lp_b = sample(logits_bv, sub, sampling)
+        keys_b = jax.random.split(jax.random.fold_in(key, t), B)
+        tok_b, lp_b = sample(logits_bv, keys_b, sampling)
         out_bn = out_bn.at[:, t].set(jnp.where(done_b, 0, tok_b))
         logp_bn = logp_bn.at[:, t].set(jnp.where(done_b, 0.0, lp_b))
         n_b = n_b + (~done_b).astype(jnp.int32)

@@ -1,7 +1,9 @@
 """The KV cache: an explicit pytree passed into the decoder and returned, never hidden state.
 
-Layout: `{"k": (L, B, S, K, H), "v": (L, B, S, K, H)}`. K and V are separate buffers so both can
-be donated to a jitted step (two caches sharing one buffer cannot).
+Layout: a list of L per-layer dicts `{"k": (B, S, K, H), "v": (B, S, K, H)}`. K and V are separate
+buffers so both can be donated to a jitted step (two caches sharing one buffer cannot), and each
+layer has its own buffers because the cached path runs the layers unrolled (transformer.py): on
+XLA:CPU slicing layer l out of a stacked (L, ...) array inside the step copies it every token.
 
 Slot index == token position. Row b's token at position p is written to slot p and a query at
 position q sees slots <= q. That single rule gives per-row lengths for free: rows of different
@@ -17,17 +19,24 @@ import jax.numpy as jnp
 from jreason.model.config import ModelConfig
 
 # Logical axes of each cache array, for jreason.sharding.
-CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+CACHE_AXES = ("batch", "cache_seq", "kv_heads", "head_dim")
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> list[dict]:
     dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    return [
+        {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)
+    ]
 
 
-def cache_axes(cache: dict) -> dict:
-    return {name: CACHE_AXES for name in cache}
+def cache_len(cache: list[dict]) -> int:
+    """S, the number of slots (positions) per row."""
+    return cache[0]["k"].shape[1]
+
+
+def cache_axes(cache: list[dict]) -> list[dict]:
+    return [{name: CACHE_AXES for name in layer} for layer in cache]
 
 
 def write(cache_bskh, new_btkh, positions_bt):

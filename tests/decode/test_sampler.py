@@ -52,7 +52,7 @@ def test_filters_only_draw_allowed_tokens():
     allowed = [{0, 1}, {0, 1}, {0, 1}, {0}]  # top-k 2; mass before token < .7; p >= .25; greedy
     seen = [set() for _ in range(4)]
     keys = jax.random.split(jax.random.key(0), 200)
-    toks, logps = jax.vmap(lambda k: sample(logits, k, params))(keys)
+    toks, logps = jax.vmap(lambda k: sample(logits, jax.random.split(k, 4), params))(keys)
     for b in range(4):
         seen[b] = set(np.asarray(toks[:, b]).tolist())
         assert seen[b] <= allowed[b], (b, seen[b])

@@ -1,0 +1,204 @@
+"""The decode engine's device side: a fixed pool of B slots over one preallocated KV cache.
+
+Pure, jitted pieces; the host scheduler in engine.py decides what to call when.
+
+- `prefill`: one context, right-padded to a length bucket, through the model with a fresh
+  single-row cache; returns that row's cache and the logits of the first new token.
+- `insert`: writes a prefilled row into slot `b` of the big cache (the slot index is traced, so
+  one compilation serves every slot) and sets that slot's per-request arrays.
+- `extend`: feeds a few forced tokens (budget forcing's "Wait" or `</think>`) into a running
+  slot's cache at its own positions, without re-prefilling the context.
+- `set_controls`: re-arms a slot that stopped for the scheduler (new token budget, stop ids).
+- `generate`: one token for every slot at once. Sample from each slot's pending logits, check
+  stop ids and budgets, feed the token back through the model at the slot's own position, keep
+  the new logits for the next step. The state (cache included) is donated. This is the whole
+  per-token computation: the host only reads back (tokens, logprobs, done, was-active).
+- `release`: marks a slot inactive (the host ended a request early, e.g. on a stop string).
+
+Slots are cache rows. Because slot index == position (kv_cache.py), a new context in a slot
+just restarts at position 0: the stale entries of the previous one are beyond the new positions,
+invisible by causality, and overwritten before they could be seen.
+
+Every shape is fixed by (max_slots, max_len, the prefill buckets, max_stop_ids), and every
+per-request setting is an array, so nothing recompiles in steady state.
+
+Sampling is reproducible per request: the key of sampled token i of a request is
+`fold_in(key(seed), i)`, so tokens do not depend on the slot a request lands in, on what else is
+running, or on Markovian resets (the count carries across chunks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jreason.decode.sampling import SamplingArrays, sample
+from jreason.model.kv_cache import cache_len, init_cache
+from jreason.model.transformer import Model
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    """Everything the device needs about the B slots; a pytree, donated to every step."""
+
+    cache: list  # L x {"k", "v"}: (B, S, K, H)
+    logits_bv: jax.Array  # (B, V) float32: logits of the token each slot samples next
+    pos_b: jax.Array  # (B,) int32: position the next sampled token is fed at
+    n_b: jax.Array  # (B,) int32: tokens sampled so far (the PRNG token index)
+    max_tokens_b: jax.Array  # (B,) int32: the segment ends when n_b reaches this
+    seed_b: jax.Array  # (B,) uint32
+    active_b: jax.Array  # (B,) bool
+    stop_bz: jax.Array  # (B, Z) int32 stop ids, -1 padded
+    sampling: SamplingArrays
+
+
+jax.tree_util.register_dataclass(
+    DecodeState,
+    data_fields=[f.name for f in dataclasses.fields(DecodeState)],
+    meta_fields=[],
+)
+
+
+def init_state(model: Model, max_slots: int, max_len: int, max_stop_ids: int = 8) -> DecodeState:
+    B = max_slots
+    return DecodeState(
+        cache=init_cache(model.cfg, B, max_len),
+        logits_bv=jnp.zeros((B, model.cfg.vocab_size), jnp.float32),
+        pos_b=jnp.zeros((B,), jnp.int32),
+        n_b=jnp.zeros((B,), jnp.int32),
+        max_tokens_b=jnp.zeros((B,), jnp.int32),
+        seed_b=jnp.zeros((B,), jnp.uint32),
+        active_b=jnp.zeros((B,), bool),
+        stop_bz=jnp.full((B, max_stop_ids), -1, jnp.int32),
+        sampling=SamplingArrays.fill(B),
+    )
+
+
+def prefill_buckets(max_len: int, min_bucket: int = 16) -> tuple[int, ...]:
+    """Powers of two from min_bucket, then multiples of 512, and max_len itself."""
+    out, b = [], min_bucket
+    while b < min(max_len, 512):
+        out.append(b)
+        b *= 2
+    b = 512
+    while b < max_len:
+        out.append(b)
+        b += 512
+    return (*out, max_len)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def prefill(model: Model, params, tokens_1p, length):
+    """(cache row L x {"k","v"}: (1, P, K, H), logits of the first new token (V,) float32).
+
+    Padding tokens past `length` land in the cache at positions >= length; the request's own
+    tokens overwrite them before any query can see them.
+    """
+    P = tokens_1p.shape[1]
+    cache = init_cache(model.cfg, 1, P)
+    positions_1p = jnp.arange(P, dtype=jnp.int32)[None]
+    logits_1pv, cache = model.apply(params, tokens_1p, positions_1p, cache)
+    return cache, logits_1pv[0, length - 1]
+
+
+def _set(a_b, slot, v):
+    return a_b.at[slot].set(v)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def insert(state: DecodeState, row_cache, logits_v, slot, length, n0, max_tokens, seed, stop_z, sp):
+    """Puts a prefilled context into `slot` (traced: one compilation per prefill bucket).
+
+    n0 is the request's sampled-token count so far (non-zero after a Markovian reset), so its
+    PRNG stream continues; the segment ends when the count reaches max_tokens.
+    """
+
+    def put_row(big_bskh, row_1pkh):
+        return jax.lax.dynamic_update_slice(big_bskh, row_1pkh, (slot, 0, 0, 0))
+
+    return DecodeState(
+        cache=jax.tree.map(put_row, state.cache, row_cache),
+        logits_bv=_set(state.logits_bv, slot, logits_v),
+        pos_b=_set(state.pos_b, slot, length),
+        n_b=_set(state.n_b, slot, n0),
+        max_tokens_b=_set(state.max_tokens_b, slot, max_tokens),
+        seed_b=_set(state.seed_b, slot, seed),
+        active_b=_set(state.active_b, slot, True),
+        stop_bz=_set(state.stop_bz, slot, stop_z),
+        sampling=jax.tree.map(lambda a, v: _set(a, slot, v), state.sampling, sp),
+    )
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+def extend(model: Model, params, state: DecodeState, slot, tokens_1t, start, n, max_tokens, stop_z):
+    """Feeds n forced tokens (right-padded to a bucket T) into `slot` at positions start.. and
+    re-arms the slot: its next token is sampled from the logits after the last forced one."""
+    T = tokens_1t.shape[1]
+    row = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=0), state.cache)
+    positions_1t = start + jnp.arange(T, dtype=jnp.int32)[None]
+    logits_1tv, row = model.apply(params, tokens_1t, positions_1t, row)
+    cache = jax.tree.map(
+        lambda big, r: jax.lax.dynamic_update_slice(big, r, (slot, 0, 0, 0)), state.cache, row
+    )
+    return dataclasses.replace(
+        state,
+        cache=cache,
+        logits_bv=_set(state.logits_bv, slot, logits_1tv[0, n - 1]),
+        pos_b=_set(state.pos_b, slot, start + n),
+        max_tokens_b=_set(state.max_tokens_b, slot, max_tokens),
+        active_b=_set(state.active_b, slot, True),
+        stop_bz=_set(state.stop_bz, slot, stop_z),
+    )
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def set_controls(state: DecodeState, slot, max_tokens, stop_z) -> DecodeState:
+    """Re-arms a stopped slot where it stands (its pending logits are kept by `generate`)."""
+    return dataclasses.replace(
+        state,
+        max_tokens_b=_set(state.max_tokens_b, slot, max_tokens),
+        active_b=_set(state.active_b, slot, True),
+        stop_bz=_set(state.stop_bz, slot, stop_z),
+    )
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def release(state: DecodeState, slot) -> DecodeState:
+    return dataclasses.replace(state, active_b=_set(state.active_b, slot, False))
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+def generate(model: Model, params, state: DecodeState):
+    """One token per slot: (state, tokens (B,), logprobs (B,), done (B,), was_active (B,)).
+
+    Outputs of rows that were not active are garbage the host skips. `done` is set on the step
+    that ends a row's segment (stop id, token budget, or the cache is full); a stopped row keeps
+    its pending logits so the scheduler can re-arm it where it stands.
+    """
+    max_len = cache_len(state.cache)
+    keys_b = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(
+        state.seed_b, state.n_b
+    )
+    tok_b, lp_b = sample(state.logits_bv, keys_b, state.sampling)
+    active_b = state.active_b
+
+    # feed the new token at its position; inactive rows feed at their frozen position, where
+    # the row's next real token overwrites the entry before anything can attend to it
+    logits_b1v, cache = model.apply(params, tok_b[:, None], state.pos_b[:, None], state.cache)
+    n_b = state.n_b + active_b
+    pos_b = state.pos_b + active_b
+    stop_b = jnp.any(tok_b[:, None] == state.stop_bz, axis=-1)
+    # pos_b == max_len: the next token would have no cache slot to be fed at
+    done_b = active_b & (stop_b | (n_b >= state.max_tokens_b) | (pos_b >= max_len))
+    state = dataclasses.replace(
+        state,
+        cache=cache,
+        logits_bv=jnp.where(active_b[:, None], logits_b1v[:, 0], state.logits_bv),
+        pos_b=pos_b,
+        n_b=n_b,
+        active_b=active_b & ~done_b,
+    )
+    return state, tok_b, lp_b, done_b, active_b

@@ -1,0 +1,260 @@
+"""Resumable batch inference: `jreason generate --model M --input prompts.jsonl --output out.jsonl`.
+
+Every (id, sample) of the input becomes one engine request; each finished request is appended to
+the output as one complete JSON line (records.py), in completion order. Running the same command
+again after a kill skips every key already in the output, so a job over a large file can be
+preempted any number of times and ends with exactly one line per key. Per-sample seeds are
+derived from (seed, id, sample), not from submission order, so a resumed job samples the same
+tokens an uninterrupted one would.
+
+Bad input never stops the job: an invalid line, or a prompt that does not fit the context
+(unless Markovian mode makes it fit), becomes an error row `{"id", "sample", "line_no",
+"error"}` and the job goes on.
+
+The engine is fed from a bounded window (a few times the slot count) so memory does not grow
+with the input size, and a tqdm bar shows done/total, generated tokens/s and the ETA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from jreason.decode.budget import ThinkingBudget
+from jreason.decode.engine import Engine, Request, Result
+from jreason.decode.markovian import MarkovianConfig
+from jreason.jobs.records import InputError, PromptRecord, ResultWriter, read_requests
+from jreason.tokenizer import split_thinking
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateOptions:
+    """Everything about how to generate; the CLI flags map one to one."""
+
+    n: int = 1
+    max_tokens: int = 1024
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    chat: bool = True  # "prompt" strings go through the chat template as a user message
+    enable_thinking: bool = True
+    # thinking budgets (budget.py)
+    min_thinking_tokens: int = 0
+    max_thinking_tokens: int | None = None
+    continuation: str = "Wait"
+    answer_prefix: str = ""
+    max_answer_tokens: int | None = None
+    # Markovian thinking (markovian.py); chunk_size None = off
+    chunk_size: int | None = None
+    keep_head: int = 0
+    keep_tail: int | None = None
+    max_chunks: int = 8
+    # engine
+    max_slots: int = 16
+    max_len: int | None = None
+    logprobs: bool = False  # also write token ids and their logprobs
+
+    def __post_init__(self):
+        if self.n < 1:
+            raise ValueError(f"n={self.n} must be >= 1")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens} must be >= 1")
+        if self.max_slots < 1:
+            raise ValueError(f"max_slots={self.max_slots} must be >= 1")
+
+    @property
+    def uses_thinking_budget(self) -> bool:
+        return (
+            self.min_thinking_tokens > 0
+            or self.max_thinking_tokens is not None
+            or self.max_answer_tokens is not None
+        )
+
+
+def make_policies(opts: GenerateOptions, tokenizer):
+    """(ThinkingBudget | None, MarkovianConfig | None) for every request of the job."""
+    thinking = None
+    if opts.uses_thinking_budget:
+        if tokenizer.think_close_id is None:
+            raise ValueError(
+                f"thinking budgets need {tokenizer.think_close!r} to be a single token in "
+                "this tokenizer"
+            )
+        thinking = ThinkingBudget(
+            think_end_id=tokenizer.think_close_id,
+            min_thinking_tokens=opts.min_thinking_tokens,
+            max_thinking_tokens=opts.max_thinking_tokens,
+            continuation_ids=tokenizer.encode(opts.continuation) if opts.continuation else (),
+            answer_prefix_ids=tokenizer.encode(opts.answer_prefix) if opts.answer_prefix else (),
+            max_answer_tokens=opts.max_answer_tokens,
+        )
+    markovian = None
+    if opts.chunk_size is not None:
+        markovian = MarkovianConfig(
+            chunk_size=opts.chunk_size,
+            keep_head=opts.keep_head,
+            keep_tail=opts.keep_tail,
+            max_chunks=opts.max_chunks,
+        )
+    return thinking, markovian
+
+
+def sample_seed(seed: int, rid: str, sample: int) -> int:
+    """A per-(id, sample) seed independent of submission order (so resume is exact)."""
+    return zlib.crc32(f"{seed}\x00{rid}\x00{sample}".encode()) ^ (seed & 0xFFFFFFFF)
+
+
+def prompt_ids(record: PromptRecord, tokenizer, opts: GenerateOptions) -> list[int]:
+    if record.messages is not None:
+        messages = record.messages
+    elif opts.chat:
+        messages = [{"role": "user", "content": record.prompt}]
+    else:
+        return tokenizer.encode(record.prompt, add_bos=tokenizer.add_bos_token)
+    return tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, enable_thinking=opts.enable_thinking, tokenize=True
+    )
+
+
+def build_request(record: PromptRecord, tokenizer, opts: GenerateOptions, policies) -> Request:
+    thinking, markovian = policies
+    return Request(
+        prompt_ids=prompt_ids(record, tokenizer, opts),
+        max_tokens=opts.max_tokens,
+        temperature=opts.temperature,
+        top_k=opts.top_k,
+        top_p=opts.top_p,
+        min_p=opts.min_p,
+        seed=sample_seed(opts.seed, record.id, record.sample),
+        stop_ids=sorted(tokenizer.stop_ids),
+        stop_strings=opts.stop,
+        thinking=thinking,
+        markovian=markovian,
+    )
+
+
+def result_row(record: PromptRecord, result: Result, tokenizer, opts: GenerateOptions) -> dict:
+    tokens = result.tokens
+    if result.finish_reason == "stop" and tokens and tokens[-1] in tokenizer.stop_ids:
+        tokens = tokens[:-1]  # the end-of-turn token is not part of the text
+    text = tokenizer.decode(tokens, skip_special_tokens=False)
+    for special in ("<|im_end|>", "<|endoftext|>"):
+        text = text.removesuffix(special)
+    reasoning, answer = split_thinking(text, started_thinking=opts.enable_thinking)
+    row = {
+        "id": record.id,
+        "sample": record.sample,
+        "line_no": record.line_no,
+        "completion": text,
+        "reasoning": reasoning,
+        "content": answer,
+        "finish_reason": result.finish_reason,
+        "prompt_tokens": result.prompt_len,
+        "completion_tokens": len(result.tokens),
+        "thinking_tokens": result.thinking_tokens,
+        "chunks": len(result.chunks),
+        "peak_context": result.peak_context,
+    }
+    if record.answer is not None:
+        row["reference"] = record.answer
+    if record.extra:
+        row["extra"] = record.extra
+    if opts.logprobs:
+        row["token_ids"] = result.tokens
+        # forced tokens (budget forcing) were not sampled: null instead of NaN (valid JSON)
+        row["logprobs"] = [None if lp != lp else lp for lp in result.logprobs]
+    return row
+
+
+def error_row(item: PromptRecord | InputError, message: str) -> dict:
+    return {"id": item.id, "sample": item.sample, "line_no": item.line_no, "error": message}
+
+
+def _pending(input_path, n, done) -> Iterator[PromptRecord | InputError]:
+    for item in read_requests(input_path, n):
+        if item.key not in done:
+            yield item
+
+
+def run_generate(
+    engine: Engine, tokenizer, input_path, output_path, opts: GenerateOptions, progress=True
+) -> dict:
+    """Runs (or resumes) the job; returns counts {"total", "skipped", "written", "errors",
+    "generated_tokens", "seconds"}."""
+    from tqdm import tqdm
+
+    policies = make_policies(opts, tokenizer)
+    total = sum(1 for _ in read_requests(input_path, opts.n))
+    stats = {"total": total, "skipped": 0, "written": 0, "errors": 0, "generated_tokens": 0}
+    t0 = time.perf_counter()
+    with ResultWriter(output_path) as out:
+        stats["skipped"] = len(out.done)
+        bar = tqdm(
+            total=total, initial=len(out.done), disable=not progress, unit="req", smoothing=0.1
+        )
+        window = 4 * engine.max_slots
+        items = _pending(input_path, opts.n, out.done)
+        in_flight: dict[int, PromptRecord] = {}
+        exhausted = False
+
+        def write(row: dict) -> None:
+            out.write(row)
+            stats["written"] += 1
+            stats["errors"] += "error" in row
+            bar.update(1)
+
+        while True:
+            while not exhausted and len(in_flight) < window:
+                item = next(items, None)
+                if item is None:
+                    exhausted = True
+                    break
+                if isinstance(item, InputError):
+                    write(error_row(item, item.message))
+                    continue
+                try:
+                    rid = engine.submit(build_request(item, tokenizer, opts, policies))
+                except ValueError as e:
+                    write(error_row(item, f"line {item.line_no}: {e}"))
+                    continue
+                in_flight[rid] = item
+            if not engine.has_work():
+                break
+            for rid, result in engine.step():
+                engine.results.pop(rid, None)
+                write(result_row(in_flight.pop(rid), result, tokenizer, opts))
+                stats["generated_tokens"] += len(result.tokens)
+                elapsed = time.perf_counter() - t0
+                bar.set_postfix(tok_s=f"{stats['generated_tokens'] / elapsed:,.0f}")
+        bar.close()
+    stats["seconds"] = time.perf_counter() - t0
+    return stats
+
+
+def load_engine(model_path: str | Path, opts: GenerateOptions, **load_kw):
+    """(Engine, tokenizer) for a model directory (Hugging Face or jreason) with its tokenizer."""
+    from jreason.model.store import load_model
+    from jreason.model.transformer import abstract_model
+    from jreason.tokenizer import load_tokenizer
+
+    model_path = Path(model_path)
+    cfg, params = load_model(model_path, **load_kw)
+    tokenizer = load_tokenizer(model_path)
+    model, _ = abstract_model(cfg)
+    max_len = opts.max_len or cfg.max_seq_len
+    engine = Engine(
+        model,
+        params,
+        max_slots=opts.max_slots,
+        max_len=max_len,
+        pad_id=tokenizer.pad_id or 0,
+        detokenize=tokenizer.decode,
+        think_end_id=tokenizer.think_close_id,
+    )
+    return engine, tokenizer
