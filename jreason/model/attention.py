@@ -71,3 +71,27 @@ def _reference(q_btnh, k_bskh, v_bskh, mask_bts, scale):
     probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(v_bskh.dtype)
     out_btkgh = jnp.einsum("BKGTS,BSKH->BTKGH", probs_bkgts, v_bskh)
     return out_btkgh.reshape(B, T, N, H)
+
+
+def cached_attention(q_btnh, k_bkhs, v_bksh, mask_bts, *, scale: float | None = None):
+    """Attention of T new queries over a KV cache in kv_cache.py's layout. Returns (B, T, N, H).
+
+    The G query heads of each kv head are folded with T into the rows of one batched matmul per
+    (B, K), against K stored as (H, S) and V as (S, H), so neither product transposes the cache.
+    """
+    B, T, N, H = q_btnh.shape
+    K = k_bkhs.shape[1]
+    if N % K:
+        raise ValueError(f"query heads ({N}) must be a multiple of kv heads ({K})")
+    G, S = N // K, k_bkhs.shape[-1]
+    scale = H**-0.5 if scale is None else scale
+    q_bkrh = (
+        (q_btnh * scale).reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+    )
+    logits_bkgts = jnp.matmul(q_bkrh, k_bkhs, preferred_element_type=jnp.float32)
+    logits_bkgts = logits_bkgts.reshape(B, K, G, T, S)
+    big_neg = jnp.finfo(jnp.float32).min  # as in _reference: no NaNs for fully masked rows
+    logits_bkgts = jnp.where(mask_bts[:, None, None, :, :], logits_bkgts, big_neg)
+    probs_bkrs = jax.nn.softmax(logits_bkgts, axis=-1).astype(v_bksh.dtype).reshape(B, K, G * T, S)
+    out_bkgth = jnp.matmul(probs_bkrs, v_bksh).reshape(B, K, G, T, H)
+    return out_bkgth.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)

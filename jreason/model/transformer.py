@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jreason.model import kv_cache
-from jreason.model.attention import attention, make_mask
+from jreason.model.attention import attention, cached_attention, make_mask
 from jreason.model.config import ModelConfig
 from jreason.model.layers import MLP, RMSNorm, apply_rope, dense, param, rope_frequencies
 
@@ -73,14 +73,19 @@ class Attention(nnx.Module):
         q_btnh = apply_rope(q_btnh, positions_bt, *rope)
         k_btkh = apply_rope(k_btkh, positions_bt, *rope)
         if kv is None:
-            keys_bskh, values_bskh, new_kv = k_btkh, v_btkh, None
+            new_kv = None
+            out_btnh = attention(q_btnh, k_btkh, v_btkh, mask_bts, impl=cfg.attention_impl)
+        elif q_btnh.shape[1] == 1 or cfg.attention_impl == "reference":
+            # decode: batched matmuls straight on the cache layout (kv_cache.py)
+            new_kv = kv_cache.write(kv, k_btkh, v_btkh, positions_bt)
+            k_bkhs, v_bksh = new_kv["k"].astype(dt), new_kv["v"].astype(dt)
+            out_btnh = cached_attention(q_btnh, k_bkhs, v_bksh, mask_bts)
         else:
-            new_kv = {
-                "k": kv_cache.write(kv["k"], k_btkh, positions_bt),
-                "v": kv_cache.write(kv["v"], v_btkh, positions_bt),
-            }
-            keys_bskh, values_bskh = new_kv["k"].astype(dt), new_kv["v"].astype(dt)
-        out_btnh = attention(q_btnh, keys_bskh, values_bskh, mask_bts, impl=cfg.attention_impl)
+            # prefill / extend: the configured (e.g. fused cuDNN) kernel on (B, S, K, H) views
+            new_kv = kv_cache.write(kv, k_btkh, v_btkh, positions_bt)
+            keys_bskh = new_kv["k"].astype(dt).transpose(0, 3, 1, 2)
+            values_bskh = new_kv["v"].astype(dt).transpose(0, 2, 1, 3)
+            out_btnh = attention(q_btnh, keys_bskh, values_bskh, mask_bts, impl=cfg.attention_impl)
         out_btd = dense(out_btnh, self.o_proj[...].astype(dt), n_in=2)  # BTNH,NHD->BTD
         if cfg.o_bias:
             out_btd = out_btd + self.o_bias[...].astype(dt)
