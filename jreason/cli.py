@@ -221,6 +221,25 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    from jreason.serve.server import ServeOptions, serve
+
+    _setup_logging()
+    opts = ServeOptions(
+        host=args.host,
+        port=args.port,
+        max_slots=args.max_slots,
+        max_len=args.max_len,
+        api_key=args.api_key,
+        max_queue=args.max_queue,
+        max_n=args.max_n,
+        max_body_bytes=args.max_body_bytes,
+        model_name=args.served_model_name,
+    )
+    serve(args.model, opts, param_dtype=args.param_dtype)
+    return 0
+
+
 def _add_generation_flags(p) -> None:
     p.add_argument("--model", required=True, help="Hugging Face or jreason model directory")
     p.add_argument("--param-dtype", choices=["float32", "bfloat16", "float16"], default=None)
@@ -248,7 +267,12 @@ def _add_generation_flags(p) -> None:
     g.add_argument("--max-chunks", type=int, default=8)
     g = p.add_argument_group("engine")
     g.add_argument("--max-slots", type=int, default=16, help="concurrent sequences")
-    g.add_argument("--max-len", type=int, default=None, help="KV cache length per slot")
+    g.add_argument(
+        "--max-len",
+        type=int,
+        default=None,
+        help="KV cache length per slot (default: the model's, at most 4096)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,6 +335,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (resumable)")
     _add_generation_flags(p)
     p.set_defaults(fn=_cmd_eval)
+
+    p = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server (completions, chat, streaming, reasoning_content)",
+        description="jreason serve --model DIR --port 8000 --max-slots 16 --api-key KEY",
+    )
+    p.add_argument("--model", required=True, help="Hugging Face or jreason model directory")
+    p.add_argument("--param-dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="default: the model dir's name")
+    p.add_argument("--max-slots", type=int, default=16, help="concurrent sequences")
+    p.add_argument("--max-len", type=int, default=None, help="KV cache per slot (default <= 4096)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    p.add_argument("--max-n", type=int, default=8, help="largest n (choices) per request")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger bodies get 413")
+    p.set_defaults(fn=_cmd_serve)
 
     p = sub.add_parser("inspect", help="show a model's config, size and tensors")
     p.add_argument("path", help="HF dir, jreason dir or preset name")

@@ -37,7 +37,7 @@ from jreason.decode.markovian import MarkovianConfig, chunk_room, reset_context
 from jreason.decode.sampling import SamplingArrays
 from jreason.model.transformer import Model, unstack_layers
 
-FINISH_REASONS = ("stop", "length")
+FINISH_REASONS = ("stop", "length", "cancelled")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,6 +220,30 @@ class Engine:
     def running(self) -> int:
         return sum(s is not None for s in self.slots)
 
+    def trace(self, rid: int) -> list[int] | None:
+        """Tokens a queued or running request has so far (for streaming), None if not live.
+
+        Read it between steps: within a step a replaced `</think>` may briefly appear."""
+        for run in (*self.slots, *self.queue):
+            if run is not None and run.rid == rid:
+                return list(run.trace)
+        return None
+
+    def cancel(self, rid: int) -> Result | None:
+        """Ends a queued or running request now (e.g. its client went away) and frees its slot
+        for the next step; returns its partial Result (reason "cancelled"), None if not live."""
+        for run in self.queue:
+            if run.rid == rid:
+                self.queue.remove(run)
+                run.chunks.append(Chunk(list(run.request.prompt_ids), [], []))
+                run.finished = True
+                return self._result(run, "cancelled")
+        for slot, run in enumerate(self.slots):
+            if run is not None and run.rid == rid:
+                self.state = slots.release(self.state, np.int32(slot))
+                return self._finish(slot, run, "cancelled")[1]
+        return None
+
     # ---- arming the device for a request's next segment --------------------------------------
 
     def _stop_z(self, run: _Running) -> np.ndarray:
@@ -348,6 +372,9 @@ class Engine:
     def _finish(self, slot: int, run: _Running, reason: str) -> tuple[int, Result]:
         run.finished = True
         self.slots[slot] = None
+        return run.rid, self._result(run, reason)
+
+    def _result(self, run: _Running, reason: str) -> Result:
         thinking = run.thinking_tokens
         if thinking is None and self._think_end(run) is not None:
             thinking = len(run.trace)
@@ -361,7 +388,7 @@ class Engine:
             peak_context=max(len(c.context) + len(c.tokens) for c in run.chunks),
         )
         self.results[run.rid] = result
-        return run.rid, result
+        return result
 
     def _think_end(self, run: _Running) -> int | None:
         tb = run.request.thinking

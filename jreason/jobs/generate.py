@@ -30,6 +30,9 @@ from jreason.jobs.records import InputError, PromptRecord, ResultWriter, read_re
 from jreason.tokenizer import split_thinking
 
 
+DEFAULT_MAX_LEN = 4096
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerateOptions:
     """Everything about how to generate; the CLI flags map one to one."""
@@ -247,7 +250,9 @@ def load_engine(model_path: str | Path, opts: GenerateOptions, **load_kw):
     cfg, params = load_model(model_path, **load_kw)
     tokenizer = load_tokenizer(model_path)
     model, _ = abstract_model(cfg)
-    max_len = opts.max_len or cfg.max_seq_len
+    # the cache is max_slots x max_len per layer, allocated up front: a 128k-context model
+    # would not fit, so the default is capped (pass --max-len, or think in Markovian chunks)
+    max_len = opts.max_len or min(cfg.max_seq_len, DEFAULT_MAX_LEN)
     engine = Engine(
         model,
         params,

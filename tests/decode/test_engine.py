@@ -154,3 +154,22 @@ def test_stop_strings_are_checked_on_the_host(tiny):
     assert got.finish_reason == "stop"
     # the slot was released: the next request in it starts clean
     assert _run_one(engine, Request(prompt, max_tokens=12)).tokens == free
+
+
+def test_cancel_frees_the_slot_and_the_rest_runs_unchanged(tiny):
+    engine = _engine(tiny, max_slots=2)
+    alone = _run_one(engine, Request([2, 4, 6], max_tokens=10)).tokens
+    running = engine.submit(Request([1, 2, 3], max_tokens=40))
+    other = engine.submit(Request([2, 4, 6], max_tokens=10))
+    queued = engine.submit(Request([5, 5], max_tokens=40))
+    for _ in range(4):
+        engine.step()
+    assert engine.running() == 2 and engine.trace(queued) == []
+    partial = engine.cancel(running)
+    assert partial.finish_reason == "cancelled" and 0 < len(partial.tokens) < 40
+    assert engine.running() == 1  # the slot is free before the next step
+    assert engine.cancel(queued).finish_reason == "cancelled"
+    assert engine.cancel(queued) is None  # no longer live
+    results = engine.run_until_idle()
+    assert results[other].tokens == alone  # its neighbour's cancellation did not disturb it
+    assert engine.running() == 0 and not engine.queue
