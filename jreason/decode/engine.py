@@ -11,8 +11,9 @@ the segment's token budget; between segments the scheduler applies the request's
 - thinking budgets (budget.py): an early `</think>` is replaced by "Wait" (`extend`), a spent
   thinking budget appends `</think>` + an answer prefix (`extend`), the answer gets its own
   budget (Elastic Reasoning);
-- Markovian chunks (markovian.py): a full chunk resets the context to query + carryover,
-  re-prefilled into the same slot from position 0 (`prefill` + `insert`);
+- Markovian chunks (markovian.py): a full chunk resets the context to query + carryover in the
+  same slot; the query's (and kept head's) cache entries stay valid at their positions, so only
+  the carried tail is re-encoded (`extend`), not the whole context;
 - otherwise the request finishes with reason "stop" or "length".
 Stop strings are matched on the host (they need detokenization); the slot is then released.
 
@@ -191,7 +192,7 @@ class Engine:
             )
         self.bucket(n)
         if mk is not None:
-            self.bucket(n + mk.carryover)  # the context a Markovian reset prefills
+            self.bucket(max(mk.tail, 1))  # the tokens a Markovian reset re-encodes
         tb = request.thinking
         if tb is not None:
             self.bucket(max(len(tb.continuation_ids), len(tb.forced_end())))  # `extend`s
@@ -276,10 +277,19 @@ class Engine:
         run.pending += tokens
 
     def _reset(self, run: _Running) -> None:
-        """Markovian reset: a new chunk whose context is the query + the trace's carryover."""
-        context = reset_context(run.request.prompt_ids, run.trace, run.request.markovian)
+        """Markovian reset: a new chunk whose context is the query + the trace's carryover.
+
+        The query and the kept head sit at the same positions as before, so their cache entries
+        are still right: only the tail is re-encoded (`extend` at its new positions), never the
+        whole context. If nothing moved, the last kept token is re-fed to get fresh logits.
+        """
+        mk = run.request.markovian
+        context = reset_context(run.request.prompt_ids, run.trace, mk)
         run.chunks.append(Chunk(context, [], []))
-        run.pending, run.needs_prefill = [], True
+        # head tokens were fed at these positions in chunk 1 (whose record holds what was fed)
+        unmoved = len(run.request.prompt_ids) + min(mk.keep_head, len(run.chunks[0].tokens))
+        run.pending = context[min(unmoved, len(context) - 1) :]
+        run.needs_prefill = False
 
     def _advance(self, slot: int, run: _Running) -> str | None:
         """Applies the policies until the request can run another segment (then arms the slot

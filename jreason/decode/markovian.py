@@ -3,15 +3,17 @@
 The model never sees more than the query plus C tokens of its own trace. The first chunk is the
 query and up to C generated tokens. When a chunk fills without the trace ending, the context is
 reset to the query + the first `keep_head` tokens of the trace + the last `keep_tail` tokens
-(the carryover, m = keep_head + keep_tail, default C/2), the slot's KV cache is rebuilt by
-prefilling that context from position 0, and generation continues for up to C - m tokens; at
+(the carryover, m = keep_head + keep_tail, default C/2), the slot's KV cache is rebuilt for
+that context, and generation continues for up to C - m tokens; at
 most `max_chunks` chunks. So attention cost per token and the per-slot cache stay bounded by
 query + C however long the model thinks, which is what lets a short-context model think far
 past its window.
 
-This module holds the rule (pure functions on token lists); the engine's scheduler applies it
-between device segments, and the same engine serves inference, the HTTP server and RL rollouts
-(which train on each chunk's context, tokens and logprobs: `Result.chunks`).
+Rebuilding is cheap: the query and the kept head occupy the same positions in every chunk, so
+their cache entries stay valid and only the carried tail is re-encoded at its new positions
+(engine.py). This module holds the rule (pure functions on token lists); the engine's scheduler
+applies it between device segments, and the same engine serves inference, the HTTP server and
+RL rollouts (which train on each chunk's context, tokens and logprobs: `Result.chunks`).
 """
 
 from __future__ import annotations

@@ -29,7 +29,6 @@ from jreason.decode.markovian import MarkovianConfig
 from jreason.jobs.records import InputError, PromptRecord, ResultWriter, read_requests
 from jreason.tokenizer import split_thinking
 
-
 DEFAULT_MAX_LEN = 4096
 
 
