@@ -166,12 +166,15 @@ def _generate_options(args):
 
 
 def _cmd_generate(args) -> int:
-    from jreason.jobs.generate import load_engine, run_generate
+    from jreason.decode.load import load_engine
+    from jreason.jobs.generate import run_generate
 
     opts = _generate_options(args)
     if not Path(args.input).is_file():
         raise FileNotFoundError(f"--input {args.input} not found")
-    engine, tokenizer = load_engine(args.model, opts, param_dtype=args.param_dtype)
+    engine, tokenizer = load_engine(
+        args.model, max_slots=opts.max_slots, max_len=opts.max_len, param_dtype=args.param_dtype
+    )
     stats = run_generate(engine, tokenizer, args.input, args.output, opts)
     print(json.dumps(stats, indent=2))
     return 0
@@ -197,11 +200,13 @@ def _knobs(pairs: list[str]) -> dict:
 
 
 def _cmd_eval(args) -> int:
-    from jreason.jobs.generate import load_engine
+    from jreason.decode.load import load_engine
     from jreason.jobs.sweep import run_eval
 
     opts = _generate_options(args)
-    engine, tokenizer = load_engine(args.model, opts, param_dtype=args.param_dtype)
+    engine, tokenizer = load_engine(
+        args.model, max_slots=opts.max_slots, max_len=opts.max_len, param_dtype=args.param_dtype
+    )
     summary = run_eval(
         engine,
         tokenizer,

@@ -155,6 +155,8 @@ class Engine:
         self.state = slots.init_state(model, max_slots, max_len, max_stop_ids)
         self.queue: collections.deque[_Running] = collections.deque()
         self.slots: list[_Running | None] = [None] * max_slots
+        # finished results until the caller pops them (run_until_idle returns this dict;
+        # long-running callers such as the server pop each one as it finishes)
         self.results: dict[int, Result] = {}
         self._inflight = None  # (device outputs, slot snapshot) of the step not yet read back
         self._next_id = 0
@@ -172,7 +174,9 @@ class Engine:
         raise ValueError(f"context of {n} tokens is longer than the largest bucket {self.buckets}")
 
     def check(self, request: Request) -> None:
-        """Raises ValueError naming what is wrong with a request this engine cannot run."""
+        """Raises ValueError naming what is wrong with a request this engine cannot run.
+
+        Reads only the engine's fixed configuration, so any thread may call it."""
         n = len(request.prompt_ids)
         if n == 0:
             raise ValueError("prompt_ids is empty")
@@ -205,6 +209,12 @@ class Engine:
             raise ValueError(f"temperature={request.temperature} must be finite and >= 0")
         if not 0 < request.top_p <= 1:
             raise ValueError(f"top_p={request.top_p} must be in (0, 1]")
+        if not 0 <= request.top_k < 2**31:
+            raise ValueError(f"top_k={request.top_k} must be in [0, 2**31)")
+        if not 0 <= request.min_p <= 1:
+            raise ValueError(f"min_p={request.min_p} must be in [0, 1]")
+        if any(not 0 <= t < self.model.cfg.vocab_size for t in request.prompt_ids):
+            raise ValueError(f"prompt_ids must be in [0, vocab_size={self.model.cfg.vocab_size})")
 
     def submit(self, request: Request) -> int:
         try:
@@ -221,13 +231,14 @@ class Engine:
     def running(self) -> int:
         return sum(s is not None for s in self.slots)
 
-    def trace(self, rid: int) -> list[int] | None:
-        """Tokens a queued or running request has so far (for streaming), None if not live.
+    def trace(self, rid: int, logprobs: bool = False):
+        """Tokens a queued or running request has so far (for streaming), None if not live;
+        with logprobs=True, (tokens, logprobs) (NaN for forced tokens).
 
-        Read it between steps: within a step a replaced `</think>` may briefly appear."""
+        Not thread-safe: call it from the thread that calls `step()` (between steps)."""
         for run in (*self.slots, *self.queue):
             if run is not None and run.rid == rid:
-                return list(run.trace)
+                return (list(run.trace), list(run.logprobs)) if logprobs else list(run.trace)
         return None
 
     def cancel(self, rid: int) -> Result | None:

@@ -21,15 +21,12 @@ import dataclasses
 import time
 import zlib
 from collections.abc import Iterator
-from pathlib import Path
 
 from jreason.decode.budget import ThinkingBudget
 from jreason.decode.engine import Engine, Request, Result
 from jreason.decode.markovian import MarkovianConfig
 from jreason.jobs.records import InputError, PromptRecord, ResultWriter, read_requests
 from jreason.tokenizer import split_thinking
-
-DEFAULT_MAX_LEN = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,28 +234,3 @@ def run_generate(
         bar.close()
     stats["seconds"] = time.perf_counter() - t0
     return stats
-
-
-def load_engine(model_path: str | Path, opts: GenerateOptions, **load_kw):
-    """(Engine, tokenizer) for a model directory (Hugging Face or jreason) with its tokenizer."""
-    from jreason.model.store import load_model
-    from jreason.model.transformer import abstract_model
-    from jreason.tokenizer import load_tokenizer
-
-    model_path = Path(model_path)
-    cfg, params = load_model(model_path, **load_kw)
-    tokenizer = load_tokenizer(model_path)
-    model, _ = abstract_model(cfg)
-    # the cache is max_slots x max_len per layer, allocated up front: a 128k-context model
-    # would not fit, so the default is capped (pass --max-len, or think in Markovian chunks)
-    max_len = opts.max_len or min(cfg.max_seq_len, DEFAULT_MAX_LEN)
-    engine = Engine(
-        model,
-        params,
-        max_slots=opts.max_slots,
-        max_len=max_len,
-        pad_id=tokenizer.pad_id or 0,
-        detokenize=tokenizer.decode,
-        think_end_id=tokenizer.think_close_id,
-    )
-    return engine, tokenizer

@@ -25,10 +25,9 @@ information: "padded HF rows equal"). Then both systems serve the whole workload
 (`--reps`, fresh prompt tokens each repetition, same lengths and budgets), medians reported.
 Prints a table and appends it, with the command, date and device, to BENCHMARKS.md.
 
-Time on the 2-core CPU machine (3 reps): demo ~3-5 min; 100m ~15-20 min (engine ~40 tok/s,
-transformers ~80 tok/s; the default workload is 4,097 useful tokens, 11,792 computed by
-transformers static batches, per rep), so the default is the demo model only; the script
-prints a projection after the first repetition.
+Time on the 2-core CPU machine (3 reps): demo ~2-3 min (transformers' static batches take
+~47 s per repetition, the engine ~4 s); 100m takes several times longer, so the default is the
+demo model only; the script prints a projection after the first repetition.
 
     python tools/bench/serving.py                        # demo model, 64 requests, 16 slots
     python tools/bench/serving.py --size 100m --reps 1
