@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import pytest
+from compile_count import count_compiles
 from greedy_reference import argmax_reference
 
 from jreason.decode.engine import Engine, Request
@@ -64,28 +65,15 @@ def _mixed_requests(n, seed):
 
 
 def test_no_recompilation_in_steady_state(tiny):
-    compiles = []
-
-    def listener(event, duration, **kw):
-        if event.endswith("backend_compile_duration"):
-            compiles.append(event)
-
     engine = _engine(tiny, max_slots=4)
     # warm-up: one request per bucket, every kind of sampling setting, a stop-id finish
     for r in _mixed_requests(15, seed=0) + [Request([1] * 30, max_tokens=2)]:
         engine.submit(r)
     engine.run_until_idle()
 
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with count_compiles() as compiles:
         ids = [engine.submit(r) for r in _mixed_requests(50, seed=1)]
         results = engine.run_until_idle()
-    finally:
-        unregister = getattr(
-            jax._src.monitoring, "_unregister_event_duration_listener_by_callback", None
-        )
-        if unregister is not None:
-            unregister(listener)
     assert all(rid in results for rid in ids)
     assert compiles == [], f"{len(compiles)} compilations after warm-up"
 

@@ -13,31 +13,20 @@ import subprocess
 import sys
 import time
 
-import jax
 import pytest
 from greedy_reference import argmax_reference
+from model_dirs import tiny_chat_model
 
 from jreason.data.tasks import get_task
 from jreason.jobs.sweep import grade
-from jreason.model import init_model, load_config
-from jreason.model.store import load_model, save_model
+from jreason.model.store import load_model
 from jreason.model.transformer import abstract_model
-from jreason.tokenizer import load_tokenizer, train_sentencepiece
+from jreason.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gen")
-    task = get_task("arithmetic")
-    lines = []
-    for ex in task.generate(0, 300):
-        lines += [ex.prompt, task.reference_completion(ex)]
-    train_sentencepiece(lines, 384, root / "tok" / "tokenizer")
-    tok = load_tokenizer(root / "tok" / "tokenizer.model")
-    cfg = load_config("tiny-qwen3", [f"vocab_size={tok.vocab_size}", "max_seq_len=256"])
-    _, params = init_model(cfg.replace(init_std=0.2), jax.random.key(0))
-    save_model(root / "model", cfg.replace(init_std=0.2), params, tokenizer_dir=root / "tok")
-    return root / "model"
+    return tiny_chat_model(tmp_path_factory.mktemp("gen"), max_len=256)
 
 
 def jreason(*args, check=True, wait=True):

@@ -15,18 +15,13 @@ import threading
 import time
 
 import httpx
-import jax
-import numpy as np
 import pytest
+from model_dirs import tiny_chat_model
 
-from jreason.data.tasks import get_task
 from jreason.decode.engine import Engine
 from jreason.decode.load import load_engine
-from jreason.model import load_config
-from jreason.model.store import save_model
-from jreason.model.transformer import abstract_model
 from jreason.serve.server import ServeOptions, create_app, warmup
-from jreason.tokenizer import load_tokenizer, train_sentencepiece
+from jreason.tokenizer import load_tokenizer
 
 MAX_LEN = 128
 SLOTS = 8
@@ -36,31 +31,7 @@ MODEL = "tiny"
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    task = get_task("arithmetic")
-    lines = []
-    for ex in task.generate(0, 200):
-        lines += [ex.prompt, task.reference_completion(ex)]
-    train_sentencepiece(lines, 384, root / "tok" / "tokenizer")
-    tok = load_tokenizer(root / "tok" / "tokenizer.model")
-    cfg = load_config("tiny-qwen3", [f"vocab_size={tok.vocab_size}", f"max_seq_len={MAX_LEN}"])
-    # random weights drawn with numpy (jax's init compiles for seconds on a busy CPU): norm
-    # scales 1, the rest N(0, 0.2) so greedy continuations are not all one token
-    _, shapes = abstract_model(cfg)
-    rng = np.random.default_rng(0)
-
-    def draw(path, s):
-        if "scale" in jax.tree_util.keystr(path):
-            return np.ones(s.shape, s.dtype)
-        return (0.2 * rng.standard_normal(s.shape)).astype(s.dtype)
-
-    params = jax.tree_util.tree_map_with_path(draw, shapes)
-    # two thirds of the vocab are byte-fallback pieces, which a random model then mostly
-    # writes; shrinking their (tied) embeddings makes it write readable pieces, <think> and
-    # <|im_end|> too, while byte pieces stay possible
-    byte = np.array([tok.id_to_token(i).startswith("<0x") for i in range(tok.vocab_size)])
-    params["embed"] = np.where(byte[:, None], params["embed"] * 0.5, params["embed"])
-    return save_model(root / "model", cfg, params, tokenizer_dir=root / "tok")
+    return tiny_chat_model(tmp_path_factory.mktemp("serve"), MAX_LEN)
 
 
 @dataclasses.dataclass

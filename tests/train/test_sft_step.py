@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from compile_count import count_compiles
 
 from jreason.model import init_model, load_config
 from jreason.model.transformer import param_axes
@@ -102,21 +103,15 @@ def test_gradient_accumulation_4x2_equals_batch_8(single_device_run):
 
 
 def test_no_recompilation_after_first_step():
-    compiles = []
-
-    def listener(name, *args, **kwargs):
-        if name.endswith("backend_compile_duration"):
-            compiles.append(name)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    mesh = make_mesh(fsdp=8)
-    _, state, step = _trainer(mesh)
-    state, _ = step(state, to_global_batch(_batch(seed=0), mesh, 1))
-    after_first = len(compiles)
-    assert after_first >= 1  # the listener does see compilations
-    for i in range(5):
-        state, m = step(state, to_global_batch(_batch(seed=1 + i), mesh, 1))
-    jax.block_until_ready(m)
+    with count_compiles() as compiles:
+        mesh = make_mesh(fsdp=8)
+        _, state, step = _trainer(mesh)
+        state, _ = step(state, to_global_batch(_batch(seed=0), mesh, 1))
+        after_first = len(compiles)
+        assert after_first >= 1  # the listener does see compilations
+        for i in range(5):
+            state, m = step(state, to_global_batch(_batch(seed=1 + i), mesh, 1))
+        jax.block_until_ready(m)
     assert len(compiles) == after_first, compiles[after_first:]
 
 
