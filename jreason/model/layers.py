@@ -75,11 +75,17 @@ class MLP(nnx.Module):
 
     def __call__(self, x_btd):
         dt = x_btd.dtype
-        gate_btf = dense(x_btd, self.gate_proj[...].astype(dt))  # BTD,DF->BTF
-        up_btf = dense(x_btd, self.up_proj[...].astype(dt))  # BTD,DF->BTF
-        if self.bias:
-            gate_btf = gate_btf + self.gate_bias[...].astype(dt)
-            up_btf = up_btf + self.up_bias[...].astype(dt)
+        if self.up_proj.shape[-1] == 0:  # fused decode layout (transformer.fuse_projections)
+            gu_btg = dense(x_btd, self.gate_proj[...].astype(dt))  # BTD,D(2F)->BT(2F)
+            if self.bias:
+                gu_btg = gu_btg + self.gate_bias[...].astype(dt)
+            gate_btf, up_btf = jnp.split(gu_btg, 2, axis=-1)
+        else:
+            gate_btf = dense(x_btd, self.gate_proj[...].astype(dt))  # BTD,DF->BTF
+            up_btf = dense(x_btd, self.up_proj[...].astype(dt))  # BTD,DF->BTF
+            if self.bias:
+                gate_btf = gate_btf + self.gate_bias[...].astype(dt)
+                up_btf = up_btf + self.up_bias[...].astype(dt)
         h_btf = jax.nn.silu(gate_btf) * up_btf
         out_btd = dense(h_btf, self.down_proj[...].astype(dt))  # BTF,FD->BTD
         if self.bias:

@@ -61,13 +61,20 @@ class Attention(nnx.Module):
 
     def __call__(self, x_btd, positions_bt, mask_bts, rope, kv=None):
         cfg, dt = self.cfg, x_btd.dtype
-        q_btnh = dense(x_btd, self.q_proj[...].astype(dt))  # BTD,DNH->BTNH
-        k_btkh = dense(x_btd, self.k_proj[...].astype(dt))  # BTD,DKH->BTKH
-        v_btkh = dense(x_btd, self.v_proj[...].astype(dt))  # BTD,DKH->BTKH
-        if cfg.qkv_bias:
-            q_btnh = q_btnh + self.q_bias[...].astype(dt)
-            k_btkh = k_btkh + self.k_bias[...].astype(dt)
-            v_btkh = v_btkh + self.v_bias[...].astype(dt)
+        if self.k_proj.shape[1] == 0:  # fused decode layout (fuse_projections): one matmul
+            N, K = cfg.n_heads, cfg.n_kv_heads
+            qkv_btch = dense(x_btd, self.q_proj[...].astype(dt))  # BTD,DCH->BTCH, C = N+2K
+            if cfg.qkv_bias:
+                qkv_btch = qkv_btch + self.q_bias[...].astype(dt)
+            q_btnh, k_btkh, v_btkh = jnp.split(qkv_btch, [N, N + K], axis=2)
+        else:
+            q_btnh = dense(x_btd, self.q_proj[...].astype(dt))  # BTD,DNH->BTNH
+            k_btkh = dense(x_btd, self.k_proj[...].astype(dt))  # BTD,DKH->BTKH
+            v_btkh = dense(x_btd, self.v_proj[...].astype(dt))  # BTD,DKH->BTKH
+            if cfg.qkv_bias:
+                q_btnh = q_btnh + self.q_bias[...].astype(dt)
+                k_btkh = k_btkh + self.k_bias[...].astype(dt)
+                v_btkh = v_btkh + self.v_bias[...].astype(dt)
         if cfg.qk_norm:
             q_btnh, k_btkh = self.q_norm(q_btnh), self.k_norm(k_btkh)
         q_btnh = apply_rope(q_btnh, positions_bt, *rope)
@@ -148,12 +155,37 @@ def unrolled_layers(layers: Block, layer_params, x_btd, positions_bt, mask_bts, 
 
 
 def unstack_layers(params) -> dict:
-    """params with `layers` as a list of L per-layer dicts: what the decode engine runs on."""
+    """params with `layers` as a list of L per-layer dicts, projections fused: what the decode
+    engine runs on."""
     layers = params["layers"]
     if isinstance(layers, list):
         return params
     n = jax.tree.leaves(layers)[0].shape[0]
-    return {**params, "layers": [jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n)]}
+    return {
+        **params,
+        "layers": [fuse_projections(jax.tree.map(lambda a, i=i: a[i], layers)) for i in range(n)],
+    }
+
+
+def fuse_projections(layer: dict) -> dict:
+    """One layer's params with q/k/v concatenated into `q_proj` and gate/up into `gate_proj`.
+
+    Decode runs at a handful of rows, where XLA:CPU pays a fixed ~85 us per matmul call (most of
+    a small model's step), so 7 projection matmuls per layer become 4. `k_proj`, `v_proj` and
+    `up_proj` are left zero-sized: the marker Attention and MLP read to take the fused path.
+    """
+    attn, mlp = dict(layer["attn"]), dict(layer["mlp"])
+    for name, others in (("q_proj", ("k_proj", "v_proj")), ("q_bias", ("k_bias", "v_bias"))):
+        if name in attn:
+            parts = [attn[name], *(attn[o] for o in others)]
+            attn[name] = jnp.concatenate(parts, axis=-2)  # the heads axis
+            for o in others:
+                attn[o] = parts[0][..., :0, :]
+    for name, other in (("gate_proj", "up_proj"), ("gate_bias", "up_bias")):
+        if name in mlp:
+            mlp[name] = jnp.concatenate([mlp[name], mlp[other]], axis=-1)
+            mlp[other] = mlp[name][..., :0]
+    return {**layer, "attn": attn, "mlp": mlp}
 
 
 class Decoder(nnx.Module):
