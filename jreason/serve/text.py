@@ -64,8 +64,8 @@ def split_reasoning(text: str, started_thinking: bool, final: bool) -> tuple[str
     lead = text.lstrip()
     if lead.startswith(THINK_OPEN):
         body = lead[len(THINK_OPEN) :]
-    elif not final and lead and THINK_OPEN.startswith(lead):
-        return "", ""  # may still become "<think>"
+    elif not final and THINK_OPEN.startswith(lead):
+        return "", ""  # blank or a prefix of "<think>" so far: may still open a think block
     elif started_thinking:
         body = text
     else:

@@ -1,6 +1,8 @@
 """Incremental detokenization: streamed pieces never break a character, never show a stop
 string, never need taking back, and add up to the non-streamed text."""
 
+import os
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -73,7 +75,7 @@ pieces_strategy = st.lists(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=int(os.environ.get("JREASON_HYPOTHESIS_EXAMPLES", 300)), deadline=None)
 @given(
     parts=pieces_strategy,
     cut_bytes=st.lists(st.integers(1, 5), min_size=1, max_size=40),
