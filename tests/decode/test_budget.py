@@ -21,7 +21,6 @@ from compile_count import count_compiles
 from jreason.decode.budget import ThinkingBudget
 from jreason.decode.engine import Engine, Request
 from jreason.decode.markovian import MarkovianConfig
-from jreason.model import init_model, load_config
 
 MAX_LEN = 64
 BUCKETS = (8, 16, 32, 64)
@@ -29,14 +28,6 @@ MAX_SLOTS = 2  # one slot count for the whole file: every engine shares the comp
 PROMPT = [1, 5, 9]
 WAIT = [7, 8]  # the continuation ("Wait") and answer prefix tokens: ids the model rarely emits
 PREFIX = [11, 12]
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    cfg = load_config("tiny-qwen3", ["vocab_size=64"])
-    # scale up the init so greedy continuations are not all one token
-    model, params = init_model(cfg.replace(init_std=0.2), jax.random.key(1))
-    return model, params
 
 
 @pytest.fixture(scope="module")

@@ -1,24 +1,13 @@
 """The continuous-batching engine: against the plain forward pass, compile counts, seeds, stops."""
 
-import jax
 import numpy as np
-import pytest
 from compile_count import count_compiles
 from greedy_reference import argmax_reference
 
 from jreason.decode.engine import Engine, Request
-from jreason.model import init_model, load_config
 
 MAX_LEN = 64
 BUCKETS = (8, 16, 32)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    cfg = load_config("tiny-qwen3", ["vocab_size=64"])
-    # scale up the init so greedy continuations are not all one token
-    model, params = init_model(cfg.replace(init_std=0.2), jax.random.key(1))
-    return model, params
 
 
 def _engine(tiny, max_slots=2, **kw):

@@ -16,19 +16,10 @@ import pytest
 from jreason.decode.engine import Engine, Request
 from jreason.decode.markovian import MarkovianConfig
 from jreason.decode.sampling import SamplingArrays, sample
-from jreason.model import init_model, load_config
 
 MAX_LEN = 64
 BUCKETS = (8, 16, 32, 64)
 MAX_SLOTS = 2  # one slot count for the whole file: every engine shares the compiled steps
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    cfg = load_config("tiny-qwen3", ["vocab_size=64"])
-    # scale up the init so greedy continuations are not all one token
-    model, params = init_model(cfg.replace(init_std=0.2), jax.random.key(1))
-    return model, params
 
 
 @pytest.fixture(scope="module")
