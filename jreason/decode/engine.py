@@ -1,9 +1,10 @@
 """The continuous-batching decode engine: requests in, results out, over the slots of slots.py.
 
 `Engine` keeps a FIFO queue and a fixed pool of slots. Each `step()` admits queued requests
-into free slots (prefill + insert), dispatches one jitted `generate` for every slot, and then
-handles the *previous* step's tokens on the host while the device runs this one, so the host's
-bookkeeping overlaps device work instead of adding to every token's latency. A request that
+into free slots (prefill + insert), dispatches one jitted `generate` of k tokens for every slot
+(multi-step scheduling while no request waits), and then handles the *previous* block's tokens
+on the host while the device runs this one, so the host's bookkeeping overlaps device work
+instead of adding to every token's latency. A request that
 ends frees its slot for the next queued one at once: a long request never holds back short ones.
 
 A request runs as one or more device *segments*. The device ends a segment on a stop id or on
@@ -138,7 +139,10 @@ class Engine:
         pad_id: int = 0,
         detokenize: Callable[[list[int]], str] | None = None,
         think_end_id: int | None = None,
+        steps_per_dispatch: int = 4,
     ):
+        if steps_per_dispatch < 1:
+            raise ValueError(f"steps_per_dispatch={steps_per_dispatch} must be >= 1")
         max_len = max_len or model.cfg.max_seq_len
         if max_len > model.cfg.max_seq_len:
             raise ValueError(
@@ -152,6 +156,7 @@ class Engine:
             raise ValueError(f"buckets={self.buckets}: every bucket must be <= max_len={max_len}")
         self.max_stop_ids, self.pad_id, self.detokenize = max_stop_ids, pad_id, detokenize
         self.think_end_id = think_end_id
+        self.steps_per_dispatch = steps_per_dispatch
         self.state = slots.init_state(model, max_slots, max_len, max_stop_ids)
         self.queue: collections.deque[_Running] = collections.deque()
         self.slots: list[_Running | None] = [None] * max_slots
@@ -450,24 +455,33 @@ class Engine:
         return None
 
     def _read_back(self, outputs, snapshot) -> list[tuple[int, Result]]:
-        tok_b, lp_b, done_b, was_b = jax.device_get(outputs)  # the one transfer per step
+        tok_kb, lp_kb, done_kb, was_kb = jax.device_get(outputs)  # the one transfer per block
         finished = []
-        for slot, run in enumerate(snapshot):
-            if run is None or run.finished or not was_b[slot]:
-                continue  # empty, ended by the host after this step was dispatched, or parked
-            reason = self._on_token(slot, run, int(tok_b[slot]), float(lp_b[slot]), done_b[slot])
-            if reason is not None:
-                finished.append(self._finish(slot, run, reason))
+        for j in range(tok_kb.shape[0]):
+            for slot, run in enumerate(snapshot):
+                if run is None or run.finished or not was_kb[j, slot]:
+                    continue  # empty, ended by the host after dispatch, or parked
+                reason = self._on_token(
+                    slot, run, int(tok_kb[j, slot]), float(lp_kb[j, slot]), done_kb[j, slot]
+                )
+                if reason is not None:
+                    finished.append(self._finish(slot, run, reason))
         return finished
 
     def step(self) -> list[tuple[int, Result]]:
-        """Admits queued requests, dispatches one device step for every slot, and reads back the
-        previous step's tokens meanwhile; returns the (request id, Result) of each request that
-        finished in the step read back."""
+        """Admits queued requests, dispatches one device block of k steps for every slot, and
+        reads back the previous block's tokens meanwhile; returns the (request id, Result) of
+        each request that finished in the block read back.
+
+        k is `steps_per_dispatch` while nothing waits in the queue, else 1: a slot that frees up
+        mid-block idles until the host sees it (up to 2k steps, as the block after it is already
+        dispatched), which costs nothing when no request is waiting for it.
+        """
         finished = self._admit()
         dispatched = None
         if any(run is not None for run in self.slots):
-            self.state, *outputs = slots.generate(self.model, self.params, self.state)
+            k = 1 if self.queue else self.steps_per_dispatch
+            self.state, *outputs = slots.generate(self.model, self.params, self.state, k)
             dispatched = (outputs, list(self.slots))
         if self._inflight:
             finished += self._read_back(*self._inflight)

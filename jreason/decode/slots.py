@@ -9,7 +9,7 @@ Pure, jitted pieces; the host scheduler in engine.py decides what to call when.
 - `extend`: feeds a few forced tokens (budget forcing's "Wait" or `</think>`) into a running
   slot's cache at its own positions, without re-prefilling the context.
 - `set_controls`: re-arms a slot that stopped for the scheduler (new token budget, stop ids).
-- `generate`: one token for every slot at once. Sample from each slot's pending logits, check
+- `generate`: one token (or k, multi-step) for every slot at once. Sample from each slot's pending logits, check
   stop ids and budgets, feed the token back through the model at the slot's own position, keep
   the new logits for the next step. The state (cache included) is donated. This is the whole
   per-token computation: the host only reads back (tokens, logprobs, done, was-active).
@@ -170,14 +170,8 @@ def release(state: DecodeState, slot) -> DecodeState:
     return dataclasses.replace(state, active_b=_set(state.active_b, slot, False))
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def generate(model: Model, params, state: DecodeState):
-    """One token per slot: (state, tokens (B,), logprobs (B,), done (B,), was_active (B,)).
-
-    Outputs of rows that were not active are garbage the host skips. `done` is set on the step
-    that ends a row's segment (stop id, token budget, or the cache is full); a stopped row keeps
-    its pending logits so the scheduler can re-arm it where it stands.
-    """
+def _generate_one(model: Model, params, state: DecodeState):
+    """One token per slot: (state, tokens (B,), logprobs (B,), done (B,), was_active (B,))."""
     max_len = cache_len(state.cache)
     keys_b = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(
         state.seed_b, state.n_b
@@ -201,4 +195,21 @@ def generate(model: Model, params, state: DecodeState):
         n_b=n_b,
         active_b=active_b & ~done_b,
     )
-    return state, tok_b, lp_b, done_b, active_b
+    return state, (tok_b, lp_b, done_b, active_b)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3), donate_argnums=2)
+def generate(model: Model, params, state: DecodeState, n_steps: int = 1):
+    """n_steps tokens per slot: (state, tokens (k, B), logprobs (k, B), done (k, B),
+    was_active (k, B)) with k = n_steps.
+
+    Outputs of rows that were not active are garbage the host skips. `done` is set on the step
+    that ends a row's segment (stop id, token budget, or the cache is full); the row is inactive
+    for the rest of the k steps and keeps its pending logits so the scheduler can re-arm it
+    where it stands. k > 1 is multi-step scheduling (as in vLLM): the host dispatches and reads
+    back once per k tokens, which is most of a small model's step time on CPU.
+    """
+    state, outputs = jax.lax.scan(
+        lambda st, _: _generate_one(model, params, st), state, None, length=n_steps
+    )
+    return (state, *outputs)

@@ -150,3 +150,52 @@ def test_cancel_frees_the_slot_and_the_rest_runs_unchanged(tiny):
     results = engine.run_until_idle()
     assert results[other].tokens == alone  # its neighbour's cancellation did not disturb it
     assert engine.running() == 0 and not engine.queue
+
+
+def test_multi_step_dispatch_gives_the_same_results_as_one_step(tiny):
+    """k tokens per dispatch changes only when the host sees them: every result (sampled
+    tokens, logprobs, stop strings, budgets, Markovian chunks) equals the k=1 run's."""
+    from jreason.decode.budget import ThinkingBudget
+    from jreason.decode.markovian import MarkovianConfig
+
+    def detokenize(ids):
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+    requests = _mixed_requests(12, seed=3) + [
+        Request([1, 5, 9], max_tokens=20, temperature=1.0, seed=7, stop_strings=["c", "d", "e"]),
+        Request(
+            [2, 3],
+            max_tokens=30,
+            temperature=1.0,
+            seed=8,
+            thinking=ThinkingBudget(
+                think_end_id=9,
+                min_thinking_tokens=4,
+                max_thinking_tokens=12,
+                continuation_ids=[5, 6],
+                answer_prefix_ids=[7],
+            ),
+        ),
+        Request(
+            [4, 4, 4],
+            max_tokens=40,
+            temperature=1.0,
+            seed=9,
+            markovian=MarkovianConfig(chunk_size=8, keep_head=1, keep_tail=3, max_chunks=6),
+        ),
+    ]
+    runs = []
+    for k in (1, 3, 4):
+        engine = _engine(tiny, max_slots=3, detokenize=detokenize, steps_per_dispatch=k)
+        ids = [engine.submit(r) for r in requests]
+        results = engine.run_until_idle()
+        runs.append([results[i] for i in ids])
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert a.tokens == b.tokens and a.finish_reason == b.finish_reason
+            np.testing.assert_array_equal(a.logprobs, b.logprobs)
+            assert [(c.context, c.tokens) for c in a.chunks] == [
+                (c.context, c.tokens) for c in b.chunks
+            ]
+    assert len(runs[0][-1].chunks) > 1  # the Markovian request did reset
+    assert runs[0][12].finish_reason == "stop" and len(runs[0][12].tokens) < 20
