@@ -5,6 +5,12 @@ tokens plus the number of tokens it covers. The step sums both over the gradient
 microbatches (a `lax.scan`) and divides once at the end, so accumulating 4 x 2 rows is the same
 update as one batch of 8 (not a mean of means).
 
+`n_tokens` is the loss's denominator: tokens for SFT, but an RL loss may count sequences
+(`rl/losses.py`). Every other aux value is a sum too, reported divided by `n_tokens`, unless
+the loss also returns a count for it: a key `<group>_count` is the denominator of the metrics
+`<group>` and `<group>_<name>` (so `token_count` averages `token_entropy`, `token_kl`, ... over
+tokens even when the loss is a mean over sequences), and is itself reported as a plain sum.
+
 Compiled once with explicit in/out shardings and the state donated; batch shapes are fixed by
 the pipeline, so nothing recompiles after step 1.
 """
@@ -51,7 +57,7 @@ def make_train_step(model, optimizer, schedule, loss_fn: LossFn):
             "opt_state": opt_state,
             "rng": state["rng"],
         }
-        metrics = {k: v / n for k, v in sums.items() if k not in ("n_tokens", "loss_sum")}
+        metrics = {k: _mean(k, sums, n) for k in sums if k not in ("n_tokens", "loss_sum")}
         metrics |= {
             "loss": sums["loss_sum"] / n,
             "tokens": sums["n_tokens"],
@@ -61,6 +67,18 @@ def make_train_step(model, optimizer, schedule, loss_fn: LossFn):
         return new_state, metrics
 
     return step
+
+
+def _mean(key: str, sums: dict, n):
+    """The reported value of aux sum `key`: see the module docstring for which count divides it."""
+    if key.endswith("_count"):
+        return sums[key]
+    parts = key.split("_")
+    for i in range(len(parts), 0, -1):  # the longest `<group>_count` wins
+        count = "_".join(parts[:i]) + "_count"
+        if count in sums:
+            return sums[key] / jnp.maximum(sums[count], 1.0)
+    return sums[key] / n
 
 
 def batch_sharding(mesh) -> NamedSharding:
