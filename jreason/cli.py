@@ -88,51 +88,95 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
-def _setup_logging() -> None:
-    import logging
+def _init_distributed(args, *, logs: bool = True) -> None:
+    """Joins the other processes of a multi-process run (a no-op alone), then sets up logging.
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    for noisy in ("absl", "orbax", "jax._src", "grain"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    Runs first in every command that computes with jax: jax.distributed must start before the
+    first computation. Only process 0 logs at INFO.
+    """
+    from jreason import distributed
+
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    if logs:
+        distributed.setup_logging()
 
 
 def _cmd_train(args) -> int:
     from jreason.train.config import load_train_config
     from jreason.train.sft import train
 
-    _setup_logging()
+    _init_distributed(args)
     cfg = load_train_config(args.config, args.overrides)
     report = train(cfg)
     print(json.dumps(report, indent=2))
     return 0
 
 
+def _cmd_rl(args) -> int:
+    from jreason.train.rl.config import load_rl_config
+    from jreason.train.rl.loop import train_rl
+
+    _init_distributed(args)
+    cfg = load_rl_config(args.config, args.overrides)
+    report = train_rl(cfg)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def _cmd_demo(args) -> int:
-    """The built-in default experiment (configs/sft/demo.yaml), end to end on CPU."""
+    """The built-in default experiment, end to end on CPU: SFT (configs/sft/demo.yaml), then
+    GRPO from the SFT export (configs/rl/demo.yaml) in `run_dir/rl`.
+
+    Overrides: `rl.KEY=VALUE` goes to the RL stage; `sft.KEY=VALUE` or a plain `KEY=VALUE` to
+    the SFT stage. `rl.steps=0` stops after SFT.
+    """
     from jreason.config import repo_root
     from jreason.train.config import load_train_config
+    from jreason.train.rl.config import load_rl_config
+    from jreason.train.rl.loop import train_rl
     from jreason.train.sft import train
 
-    _setup_logging()
-    cfg = load_train_config(repo_root() / "configs" / "sft" / "demo.yaml", args.overrides)
+    _init_distributed(args)
+    sft_over = [o.removeprefix("sft.") for o in args.overrides if not o.startswith("rl.")]
+    rl_over = [o.removeprefix("rl.") for o in args.overrides if o.startswith("rl.")]
+    configs = repo_root() / "configs"
+    cfg = load_train_config(configs / "sft" / "demo.yaml", sft_over)
+    run_rl = "steps=0" not in rl_over
+    if run_rl:  # a bad RL override fails now, not after minutes of SFT
+        if not cfg.export.hf:
+            raise ValueError("demo: the RL stage starts from the SFT export: keep export.hf=true")
+        run_dir = Path(cfg.run_dir)
+        rl_cfg = load_rl_config(
+            configs / "rl" / "demo.yaml",
+            [f"run_dir={run_dir / 'rl'}", f"model.init_from={run_dir / 'export-hf'}", *rl_over],
+        )
     report = train(cfg)
     run_dir = Path(report["run_dir"])
     ev = report.get("eval", {})
-    print()
-    print(
-        f"demo: {cfg.data.task} task, {report['n_params'] / 1e6:.2f}M-param model, "
-        f"{report['step']} steps"
-    )
-    print(f"  final train loss      {report['final_loss']:.4f}")
+    lines = [
+        f"demo: {cfg.data.task} task, {report['n_params'] / 1e6:.2f}M-param model",
+        f"  SFT: {report['step']} steps, final train loss {report['final_loss']:.4f}",
+    ]
     if ev:
-        print(
-            f"  held-out accuracy     {ev['accuracy']:.1%} "
+        lines.append(
+            f"  SFT held-out accuracy     {ev['accuracy']:.1%} "
             f"(greedy, {cfg.eval.num_examples} unseen problems)"
         )
-    print(f"  run directory         {run_dir}")
-    print(f"  report / plot         {run_dir / 'report.json'}  {run_dir / 'plot.png'}")
+    lines.append(f"  SFT run directory         {run_dir}  (report.json, plot.png, export-hf/)")
+    if run_rl:
+        rl = train_rl(rl_cfg)
+        lines.append(f"  GRPO: {rl['step']} steps from the SFT export")
+        if "eval" in rl:
+            before = rl.get("eval_before", {}).get("accuracy")
+            n = rl_cfg.eval.num_examples
+            shown = f"{before:.1%} -> " if before is not None else ""
+            lines.append(
+                f"  RL held-out accuracy      {shown}{rl['eval']['accuracy']:.1%} "
+                f"(greedy through the engine, {n} unseen problems)"
+            )
+        lines.append(f"  RL run directory          {rl['run_dir']}  (report.json, plot.png)")
+    print()
+    print("\n".join(lines))
     return 0
 
 
@@ -169,6 +213,7 @@ def _cmd_generate(args) -> int:
     from jreason.decode.load import load_engine
     from jreason.jobs.generate import run_generate
 
+    _init_distributed(args, logs=False)
     opts = _generate_options(args)
     if not Path(args.input).is_file():
         raise FileNotFoundError(f"--input {args.input} not found")
@@ -203,6 +248,7 @@ def _cmd_eval(args) -> int:
     from jreason.decode.load import load_engine
     from jreason.jobs.sweep import run_eval
 
+    _init_distributed(args, logs=False)
     opts = _generate_options(args)
     engine, tokenizer = load_engine(
         args.model, max_slots=opts.max_slots, max_len=opts.max_len, param_dtype=args.param_dtype
@@ -229,7 +275,7 @@ def _cmd_eval(args) -> int:
 def _cmd_serve(args) -> int:
     from jreason.serve.server import ServeOptions, serve
 
-    _setup_logging()
+    _init_distributed(args)
     opts = ServeOptions(
         host=args.host,
         port=args.port,
@@ -280,11 +326,33 @@ def _add_generation_flags(p) -> None:
     )
 
 
+def distributed_flags() -> argparse.ArgumentParser:
+    """The multi-process flags, a parent parser shared by every command that runs jax work."""
+    from jreason.distributed import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
+
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group(
+        "multi-process",
+        "all three or none; automatic on SLURM, Open MPI, Cloud TPU and Kubernetes Jobs",
+    )
+    g.add_argument(
+        "--coordinator", metavar="HOST:PORT", help=f"process 0's address (or {ENV_COORDINATOR})"
+    )
+    g.add_argument(
+        "--num-processes", type=int, metavar="N", help=f"processes in the run ({ENV_NUM_PROCESSES})"
+    )
+    g.add_argument(
+        "--process-id", type=int, metavar="I", help=f"this process, 0..N-1 ({ENV_PROCESS_ID})"
+    )
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jreason", description="Train and serve reasoning language models with JAX."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    dist = [distributed_flags()]  # train, demo, generate, eval, serve (and any new jax command)
 
     p = sub.add_parser(
         "convert",
@@ -301,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "train",
+        parents=dist,
         help="supervised fine-tuning from a YAML experiment config",
         description="jreason train --config configs/sft/demo.yaml optim.lr=3e-4 mesh.fsdp=4",
     )
@@ -309,13 +378,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_train)
 
     p = sub.add_parser(
-        "demo", help="the built-in default: tokenizer + tiny model SFT + eval, CPU, no downloads"
+        "rl",
+        parents=dist,
+        help="RL (GRPO, Dr. GRPO, DAPO, Delethink) with rollouts from the decode engine",
+        description="jreason rl --config configs/rl/demo.yaml algo.eps_high=0.28",
+    )
+    p.add_argument("--config", required=True, help="experiment YAML (configs/rl/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.set_defaults(fn=_cmd_rl)
+
+    p = sub.add_parser(
+        "demo",
+        parents=dist,
+        help="the built-in default: tokenizer + tiny model SFT + eval, CPU, no downloads",
     )
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides of configs/sft/demo.yaml")
     p.set_defaults(fn=_cmd_demo)
 
     p = sub.add_parser(
         "generate",
+        parents=dist,
         help="resumable batch inference over a JSONL file of prompts",
         description="jreason generate --model DIR --input prompts.jsonl --output out.jsonl",
     )
@@ -327,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "eval",
+        parents=dist,
         help="accuracy, pass@k, maj@k and accuracy vs thinking budget",
         description="jreason eval --model DIR --task arithmetic --n 4 --budgets 32 64 none",
     )
@@ -343,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "serve",
+        parents=dist,
         help="OpenAI-compatible HTTP server (completions, chat, streaming, reasoning_content)",
         description="jreason serve --model DIR --port 8000 --max-slots 16 --api-key KEY",
     )

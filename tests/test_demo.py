@@ -1,4 +1,5 @@
-"""`jreason demo` end to end (shortened): every artifact the README promises is there and sound."""
+"""`jreason demo` end to end (shortened): every artifact the README promises is there and sound,
+for the SFT stage and the GRPO stage that starts from its export."""
 
 import json
 import os
@@ -31,13 +32,19 @@ def test_demo_writes_run_directory(tmp_path):
             "eval.num_examples=8",
             "eval.max_new_tokens=16",
             "tokenizer.train_examples=300",
+            "rl.steps=2",
+            "rl.eval.num_examples=4",
+            "rl.rollout.prompts_per_step=2",
+            "rl.rollout.group_size=4",
+            "rl.rollout.max_tokens=16",
+            "rl.algo.minibatches=1",
         ],
         capture_output=True,
         text=True,
         env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "held-out accuracy" in proc.stdout
+    assert "SFT held-out accuracy" in proc.stdout and "RL held-out accuracy" in proc.stdout
 
     report = json.loads((run / "report.json").read_text())
     assert report["step"] == 12 and 0.0 <= report["eval"]["accuracy"] <= 1.0
@@ -63,3 +70,13 @@ def test_demo_writes_run_directory(tmp_path):
         ref = hf(input_ids=torch.tensor(tokens)).logits.numpy()
     np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4)
     assert (export / "tokenizer.model").is_file()
+
+    # the RL stage started from that export and wrote its own run directory
+    rl = run / "rl"
+    rl_report = json.loads((rl / "report.json").read_text())
+    assert rl_report["step"] == 2
+    assert {"eval_before", "eval"} <= set(rl_report)
+    rl_records = [json.loads(line) for line in (rl / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rl_records if "reward" in r] == [1, 2]
+    assert (rl / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (rl / "export-hf" / "model.safetensors").is_file()

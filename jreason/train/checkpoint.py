@@ -4,8 +4,14 @@ Each checkpoint `run_dir/checkpoints/<step>/` holds three items written by one
 `orbax.checkpoint.CheckpointManager` save (async, atomic commit, `max_to_keep`):
 
     state   params, optimizer state, step, RNG    (StandardSave: tensorstore, sharded)
-    data    the grain iterator state               (JSON)
+    data    each process's grain iterator state    (JSON, one file per process)
     config  the resolved experiment config         (JSON)
+
+Multi-process runs: every process calls `save` and `restore_latest` (orbax coordinates them and
+each writes its own shards). The data item is per process because each process reads its own
+rows: process i writes `data/process_<i>-of-<n>.json` (grain's convention), where orbax's
+JsonSave would keep only process 0's. A run therefore resumes with the same number of processes;
+another number is an error, not a silent restart.
 
 Restoring places every array directly into the sharding of the *current* mesh, so a run saved
 on fsdp=8 resumes on data=2/fsdp=2/tensor=2. A checkpoint that fails to restore (a corrupt or
@@ -14,14 +20,60 @@ truncated file) is skipped with a warning naming it, and the previous one is use
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import signal
 import threading
 from pathlib import Path
+from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
+
+
+class IncompatibleCheckpoint(ValueError):
+    """The checkpoint is readable but was written by a different process layout."""
+
+
+class ProcessJsonHandler(ocp.CheckpointHandler):
+    """Orbax handler for a small JSON value per process: `process_<i>-of-<n>.json`."""
+
+    @staticmethod
+    def _name() -> str:
+        return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+    def save(self, directory, args: ProcessJsonSave) -> None:
+        (Path(directory) / self._name()).write_text(json.dumps(args.item))
+
+    def restore(self, directory, args: ProcessJsonRestore | None = None) -> Any:
+        path = Path(directory) / self._name()
+        if path.is_file():
+            return json.loads(path.read_text())
+        legacy = Path(directory) / "metadata"  # written by JsonSave before data was per process
+        if legacy.is_file() and jax.process_count() == 1:
+            return json.loads(legacy.read_text())
+        saved = sorted(p.name for p in Path(directory).glob("process_*-of-*.json"))
+        if saved:
+            raise IncompatibleCheckpoint(
+                f"{Path(directory).parent} holds data-iterator state {saved}, not {path.name}: "
+                f"it was saved by a different number of processes; resume with that number"
+            )
+        raise FileNotFoundError(f"{path} not found")
+
+
+@ocp.args.register_with_handler(ProcessJsonHandler, for_save=True)
+@dataclasses.dataclass
+class ProcessJsonSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(ProcessJsonHandler, for_restore=True)
+@dataclasses.dataclass
+class ProcessJsonRestore(ocp.args.CheckpointArgs):
+    pass
 
 
 class Checkpointer:
@@ -40,7 +92,7 @@ class Checkpointer:
     def save(self, step: int, state, data_state: dict, config: dict, *, force: bool = True) -> bool:
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data_state),
+            data=ProcessJsonSave(data_state),
             config=ocp.args.JsonSave(config),
         )
         return self.manager.save(step, args=args, force=force)
@@ -56,9 +108,11 @@ class Checkpointer:
                     step,
                     args=ocp.args.Composite(
                         state=ocp.args.StandardRestore(abstract_state),
-                        data=ocp.args.JsonRestore(),
+                        data=ProcessJsonRestore(),
                     ),
                 )
+            except IncompatibleCheckpoint:
+                raise
             except Exception as e:  # noqa: BLE001 - any failure means: not usable, try older
                 log.warning(
                     "checkpoint %s is unreadable (%s: %s); trying an earlier one",

@@ -7,12 +7,13 @@ its tokenizer (`run_dir/tokenizer/`), so a resumed or exported run uses the exac
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import jax
 
 from jreason import config as config_lib
-from jreason import sharding
+from jreason import distributed, sharding
 from jreason.data import pipeline
 from jreason.data.tasks import get_task
 from jreason.data.verify import score_math
@@ -40,32 +41,47 @@ def tokenizer_dir(cfg, run_dir: Path) -> Path:
 
 
 def build_tokenizer(cfg, run_dir: Path):
-    """The configured tokenizer, the checkpoint's own, or a BPE trained on the task's text."""
+    """The configured tokenizer, the checkpoint's own, or a BPE trained on the task's text.
+
+    The trained one is trained once, by process 0, into `run_dir/tokenizer/`; every process waits
+    at a barrier until it is there (the run dir is on a filesystem all processes share) and then
+    reads it, so all processes use the same ids. A resumed run finds it and trains nothing.
+    """
     if cfg.tokenizer.path:
         return load_tokenizer(cfg.tokenizer.path)
     if cfg.model.init_from:
         return load_tokenizer(cfg.model.init_from)
     tok_dir = run_dir / "tokenizer"
     model_file = tok_dir / "tokenizer.model"
+    if cfg.data.source != "task" and not model_file.is_file():
+        raise config_lib.ConfigError(
+            "tokenizer.path: required unless data.source=task (a tokenizer is trained on "
+            "generated task text only)"
+        )
+    if distributed.is_main() and not model_file.is_file():
+        _train_task_tokenizer(cfg, tok_dir)
+    distributed.barrier("run_dir_tokenizer")
     if not model_file.is_file():
-        if cfg.data.source != "task":
-            raise config_lib.ConfigError(
-                "tokenizer.path: required unless data.source=task (a tokenizer is trained on "
-                "generated task text only)"
-            )
-        task = get_task(cfg.data.task, **cfg.data.task_knobs)
-        lines = []
-        for ex in task.generate(cfg.seed + 7919, cfg.tokenizer.train_examples):
-            lines += [ex.prompt, task.reference_completion(ex)]
-        tok_dir.mkdir(parents=True, exist_ok=True)
-        if jax.process_index() == 0:
-            train_sentencepiece(
-                lines,
-                cfg.tokenizer.vocab_size,
-                tok_dir / "tokenizer",
-                split_digits=cfg.tokenizer.split_digits,
-            )
+        raise FileNotFoundError(
+            f"{model_file} is missing after process 0 trained it: is run_dir on a filesystem "
+            "that every process shares?"
+        )
     return load_tokenizer(model_file)
+
+
+def _train_task_tokenizer(cfg, tok_dir: Path) -> None:
+    task = get_task(cfg.data.task, **cfg.data.task_knobs)
+    lines = []
+    for ex in task.generate(cfg.seed + 7919, cfg.tokenizer.train_examples):
+        lines += [ex.prompt, task.reference_completion(ex)]
+    # Trained under a temporary name and renamed: a run killed mid-write must not leave a
+    # truncated tokenizer.model that the next run (or another process) takes for finished.
+    tmp = tok_dir / f".tokenizer.tmp-{os.getpid()}"
+    train_sentencepiece(
+        lines, cfg.tokenizer.vocab_size, tmp, split_digits=cfg.tokenizer.split_digits
+    )
+    os.replace(tmp.with_name(tmp.name + ".vocab"), tok_dir / "tokenizer.vocab")
+    os.replace(tmp.with_name(tmp.name + ".model"), tok_dir / "tokenizer.model")  # the marker
 
 
 def build_model(cfg, tokenizer, mesh):

@@ -8,7 +8,11 @@
 Resuming is automatic: if `run_dir/checkpoints` holds a readable checkpoint, state and data
 position are restored from it and the run continues as if never interrupted (the exactness test
 kills a real process and compares final params bitwise). SIGTERM saves and exits cleanly.
-Only process 0 writes logs and reports; every process takes part in checkpointing.
+
+Multi-process runs (`jreason train --coordinator ...`, see jreason/distributed.py) run this same
+function on every process: each feeds its own rows of the global batch, and every process takes
+part in the step, checkpointing and the export's gather; only process 0 writes the config,
+metrics, report, plot and export.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 import optax
 
 from jreason import config as config_lib
+from jreason import distributed
 from jreason.data import pipeline
 from jreason.model.transformer import param_axes
 from jreason.train import checkpoint as ckpt_lib
@@ -63,7 +68,7 @@ def to_global_batch(local: dict, mesh, grad_accum: int) -> dict:
 def train(cfg: TrainConfig) -> dict:
     run_dir = Path(cfg.run_dir).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
-    is_main = jax.process_index() == 0
+    is_main = distributed.is_main()
     mesh = make_mesh(cfg.mesh)
     tokenizer = build_tokenizer(cfg, run_dir)
     model, params, model_cfg = build_model(cfg, tokenizer, mesh)
@@ -156,16 +161,23 @@ def train(cfg: TrainConfig) -> dict:
         last_eval = evaluate(cfg, model, state["params"], tokenizer)
         logger.log(final_step, {f"eval_{k}": v for k, v in last_eval.items()})
         report["eval"] = last_eval
-        if cfg.export.hf and is_main:
+        if cfg.export.hf:
+            from jax.experimental import multihost_utils
+
             from jreason.model.hf import save_hf
 
-            save_hf(
-                run_dir / "export-hf",
-                model_cfg,
-                state["params"],
-                tokenizer_dir=tokenizer_dir(cfg, run_dir),
-                overwrite=True,
-            )
+            # Params sharded over several processes are not readable by any one of them: every
+            # process takes part in gathering a full host copy, then process 0 writes it.
+            params = multihost_utils.process_allgather(state["params"], tiled=True)
+            if is_main:
+                save_hf(
+                    run_dir / "export-hf",
+                    model_cfg,
+                    params,
+                    tokenizer_dir=tokenizer_dir(cfg, run_dir),
+                    overwrite=True,
+                )
+            del params
     logger.close()
     checkpointer.close()
     if is_main:

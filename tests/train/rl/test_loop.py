@@ -1,0 +1,81 @@
+"""The RL loop end to end on a tiny random model: it raises a reward it is trained on, and a run
+resumed from a checkpoint logs exactly what an uninterrupted run logs."""
+
+import json
+
+import pytest
+
+from jreason.config import repo_root
+from jreason.train.rl import rewards
+from jreason.train.rl.config import load_rl_config
+from jreason.train.rl.loop import train_rl
+
+DEMO = repo_root() / "configs" / "rl" / "demo.yaml"
+SMALL = [
+    "model.init_from=null",  # a random tiny model with a tokenizer trained on the task
+    "model.preset=tiny",
+    "model.overrides.n_layers=2",
+    "model.overrides.d_model=64",
+    "model.overrides.d_ff=128",
+    "tokenizer.vocab_size=512",
+    "tokenizer.train_examples=300",
+    "tokenizer.split_digits=false",
+    "data.seq_len=48",
+    "optim.schedule=constant",
+    "optim.warmup_steps=0",
+    "optim.weight_decay=0.0",
+    "eval.num_examples=0",
+    "export.hf=false",
+    "log_every=1",
+    "rollout.prompts_per_step=4",
+    "rollout.group_size=8",
+    "rollout.max_tokens=16",
+    "rollout.max_slots=32",
+    "algo.rewards={digits: 1.0}",
+    "algo.minibatches=1",
+]
+
+
+def digits(completion: str, n_tokens: int, example) -> float:
+    """Share of digit characters: random text scores anywhere in [0, 1], so groups differ."""
+    return sum(c.isdigit() for c in completion) / max(len(completion), 1)
+
+
+@pytest.fixture(autouse=True)
+def digit_reward(monkeypatch):
+    monkeypatch.setitem(rewards.REWARDS, "digits", digits)
+
+
+def _run(run_dir, *extra):
+    cfg = load_rl_config(DEMO, [f"run_dir={run_dir}", *SMALL, *extra])
+    train_rl(cfg)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "reward" in r}
+
+
+def test_grpo_raises_the_reward_it_is_trained_on(tmp_path):
+    rows = _run(tmp_path / "run", "steps=14", "optim.lr=1e-2", "checkpoint.every=100")
+    first = sum(rows[s]["reward"] for s in (1, 2)) / 2
+    last = sum(rows[s]["reward"] for s in (13, 14)) / 2
+    # measured: 0.34 -> 0.50; a sign error in the loss or advantages would push it down
+    assert last > first + 0.1, (first, last)
+    assert rows[14]["token_entropy"] < rows[1]["token_entropy"]
+
+
+def test_resumed_run_logs_what_an_uninterrupted_run_logs(tmp_path):
+    common = ["optim.lr=1e-3", "checkpoint.every=2", "checkpoint.async_save=false"]
+    whole = _run(tmp_path / "a", "steps=4", *common)
+    _run(tmp_path / "b", "steps=2", *common)  # stops after its step-2 checkpoint
+    resumed = _run(tmp_path / "b", "steps=4", *common)
+    for step in (3, 4):
+        for key in ("reward", "loss", "grad_norm", "token_entropy", "response_length"):
+            assert resumed[step][key] == whole[step][key], (step, key)
+
+
+def test_kl_to_the_initial_policy_is_zero_then_grows(tmp_path):
+    rows = _run(
+        tmp_path / "kl", "steps=2", "optim.lr=1e-2", "algo.kl_coef=0.1", "checkpoint.every=100"
+    )
+    # step 1 updates from the reference itself: KL exactly 0; step 2 samples a moved policy
+    assert rows[1]["token_kl"] == 0.0
+    assert rows[2]["token_kl"] > 0.0
