@@ -150,3 +150,18 @@ class PreemptionFlag:
 
     def __bool__(self) -> bool:
         return self.event.is_set()
+
+
+def export_hf(path: Path, model_cfg, params, tokenizer_dir: Path) -> None:
+    """Writes `params` as a Hugging Face checkpoint at `path` (replacing an older export).
+
+    Params sharded over several processes are not readable by any one of them: every process
+    must call this (it takes part in gathering a full host copy), then process 0 writes it.
+    """
+    from jax.experimental import multihost_utils
+
+    from jreason.model.hf import save_hf
+
+    host = multihost_utils.process_allgather(params, tiled=True)
+    if jax.process_index() == 0:
+        save_hf(path, model_cfg, host, tokenizer_dir=tokenizer_dir, overwrite=True)

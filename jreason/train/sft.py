@@ -162,22 +162,9 @@ def train(cfg: TrainConfig) -> dict:
         logger.log(final_step, {f"eval_{k}": v for k, v in last_eval.items()})
         report["eval"] = last_eval
         if cfg.export.hf:
-            from jax.experimental import multihost_utils
-
-            from jreason.model.hf import save_hf
-
-            # Params sharded over several processes are not readable by any one of them: every
-            # process takes part in gathering a full host copy, then process 0 writes it.
-            params = multihost_utils.process_allgather(state["params"], tiled=True)
-            if is_main:
-                save_hf(
-                    run_dir / "export-hf",
-                    model_cfg,
-                    params,
-                    tokenizer_dir=tokenizer_dir(cfg, run_dir),
-                    overwrite=True,
-                )
-            del params
+            ckpt_lib.export_hf(
+                run_dir / "export-hf", model_cfg, state["params"], tokenizer_dir(cfg, run_dir)
+            )
     logger.close()
     checkpointer.close()
     if is_main:

@@ -319,20 +319,9 @@ def train_rl(cfg: RLConfig) -> dict:
             report["eval"] = evaluate_engine(engine, tokenizer, cfg)
             logger.log(cfg.steps, {f"eval_{k}": v for k, v in report["eval"].items()})
         if cfg.export.hf:
-            from jax.experimental import multihost_utils
-
-            from jreason.model.hf import save_hf
-
-            params = multihost_utils.process_allgather(state["params"], tiled=True)
-            if is_main:
-                save_hf(
-                    run_dir / "export-hf",
-                    model_cfg,
-                    params,
-                    tokenizer_dir=tokenizer_dir(cfg, run_dir),
-                    overwrite=True,
-                )
-            del params
+            ckpt_lib.export_hf(
+                run_dir / "export-hf", model_cfg, state["params"], tokenizer_dir(cfg, run_dir)
+            )
     logger.close()
     checkpointer.close()
     if is_main:
