@@ -41,6 +41,13 @@ from jreason.model.transformer import Model, unstack_layers
 
 FINISH_REASONS = ("stop", "length", "cancelled")
 
+# one compiled slice-and-fuse per weight layout: RL hands the engine new weights every step
+_unstack_jit = jax.jit(unstack_layers)
+
+
+def _decode_layout(params):
+    return params if isinstance(params["layers"], list) else _unstack_jit(params)
+
 
 @dataclasses.dataclass(frozen=True)
 class Request:
@@ -149,7 +156,7 @@ class Engine:
                 f"max_len={max_len} exceeds the model's max_seq_len={model.cfg.max_seq_len}"
             )
         # per-layer weights: the layout the cached (unrolled) forward reads without copies
-        self.model, self.params = model, unstack_layers(params)
+        self.model, self.params = model, _decode_layout(params)
         self.max_slots, self.max_len = max_slots, max_len
         self.buckets = tuple(sorted(buckets or slots.prefill_buckets(max_len)))
         if self.buckets[-1] > max_len:
@@ -165,10 +172,14 @@ class Engine:
         self.results: dict[int, Result] = {}
         self._inflight = None  # (device outputs, slot snapshot) of the step not yet read back
         self._next_id = 0
+        # the last prefill, (context, (cache row, logits)): n samples of one prompt (RL groups,
+        # `n` in the API) are queued back to back and share it, so the prompt is encoded once
+        self._last_prefill: tuple[tuple[int, ...], tuple] | None = None
 
     def set_params(self, params) -> None:
         """New weights (e.g. after an RL update); running requests continue with them."""
-        self.params = unstack_layers(params)
+        self.params = _decode_layout(params)
+        self._last_prefill = None
 
     # ---- validation and submission ----------------------------------------------------------
 
@@ -338,9 +349,7 @@ class Engine:
         max_tokens = np.int32(run.n_sampled + room)
         if run.needs_prefill:
             context = run.chunk.context
-            tokens = np.full((1, self.bucket(len(context))), self.pad_id, np.int32)
-            tokens[0, : len(context)] = context
-            row, logits = slots.prefill(self.model, self.params, tokens, np.int32(len(context)))
+            row, logits = self._prefill(context)
             sp = SamplingArrays(
                 temperature=np.float32(req.temperature),
                 top_k=np.int32(req.top_k),
@@ -380,6 +389,17 @@ class Engine:
             self.state = slots.set_controls(self.state, np.int32(slot), max_tokens, stop_z)
         run.pending = []
         return None
+
+    def _prefill(self, context: list[int]):
+        """(cache row, first logits) of `context`, reusing the previous prefill if identical."""
+        key = tuple(context)
+        if self._last_prefill is not None and self._last_prefill[0] == key:
+            return self._last_prefill[1]
+        tokens = np.full((1, self.bucket(len(context))), self.pad_id, np.int32)
+        tokens[0, : len(context)] = context
+        out = slots.prefill(self.model, self.params, tokens, np.int32(len(context)))
+        self._last_prefill = (key, out)
+        return out
 
     # ---- the scheduler ----------------------------------------------------------------------
 

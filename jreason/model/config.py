@@ -63,6 +63,10 @@ class ModelConfig:
     attention_impl: Literal["reference", "xla", "cudnn"] = "xla"
     # Rematerialization of each layer in the backward pass (see jax.checkpoint_policies).
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    # Training forward over the stacked layers: one `lax.scan` (compile time flat in depth, as
+    # MaxText's scan_layers) or a Python loop (longer compiles, no stacked residual buffers:
+    # ~10% faster steps for small models on CPU). Same math either way.
+    scan_layers: bool = True
     # Token ids recorded for export to config.json / generation_config.json.
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()

@@ -123,8 +123,9 @@ def _stacked_blocks(cfg: ModelConfig, key) -> Block:
     return nnx.merge(graphdef, stacked)
 
 
-def scan_layers(layers: Block, x_btd, positions_bt, mask_bts, rope, remat: str):
-    """Training and cache-free forwards: `lax.scan` over the stacked layers."""
+def scan_layers(layers: Block, x_btd, positions_bt, mask_bts, rope, remat: str, scan: bool = True):
+    """Training and cache-free forwards: `lax.scan` over the stacked layers, or (scan=False) a
+    Python loop over static slices of them (`ModelConfig.scan_layers`)."""
     graphdef, state = nnx.split(layers)
 
     def body(x_btd, layer_state):
@@ -132,7 +133,11 @@ def scan_layers(layers: Block, x_btd, positions_bt, mask_bts, rope, remat: str):
 
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-    return jax.lax.scan(body, x_btd, state)[0]
+    if scan:
+        return jax.lax.scan(body, x_btd, state)[0]
+    for i in range(jax.tree.leaves(state)[0].shape[0]):
+        x_btd = body(x_btd, jax.tree.map(lambda a, i=i: a[i], state))[0]
+    return x_btd
 
 
 def unrolled_layers(layers: Block, layer_params, x_btd, positions_bt, mask_bts, rope, cache):
@@ -241,7 +246,9 @@ class Decoder(nnx.Module):
         )
         rope = rope_frequencies(cfg.rope, cfg.head_dim, cfg.max_seq_len)
         if cache is None and layer_params is None:
-            x_btd = scan_layers(self.layers, x_btd, positions_bt, mask_bts, rope, cfg.remat)
+            x_btd = scan_layers(
+                self.layers, x_btd, positions_bt, mask_bts, rope, cfg.remat, cfg.scan_layers
+            )
         else:
             kv = cache if cache is not None else [None] * cfg.n_layers
             x_btd, cache = unrolled_layers(

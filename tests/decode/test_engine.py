@@ -199,3 +199,28 @@ def test_multi_step_dispatch_gives_the_same_results_as_one_step(tiny):
             ]
     assert len(runs[0][-1].chunks) > 1  # the Markovian request did reset
     assert runs[0][12].finish_reason == "stop" and len(runs[0][12].tokens) < 20
+
+
+def test_samples_of_one_prompt_share_its_prefill(tiny, monkeypatch):
+    """n samples of a prompt queued back to back (RL groups) encode it once, and each equals
+    the same request run alone; new weights drop the shared prefill."""
+    from jreason.decode import slots
+
+    calls = []
+    real_prefill = slots.prefill
+    monkeypatch.setattr(slots, "prefill", lambda *a: calls.append(a[2].shape) or real_prefill(*a))
+    group = [Request([4, 8, 15], max_tokens=8, temperature=1.0, seed=s) for s in range(4)]
+    alone = [_run_one(_engine(tiny), r) for r in group]
+    assert len(calls) == 4
+    calls.clear()
+    engine = _engine(tiny, max_slots=2)  # fewer slots than samples: admitted over two rounds
+    rids = [engine.submit(r) for r in [*group, Request([1, 2], max_tokens=4)]]
+    results = engine.run_until_idle()
+    assert len(calls) == 2  # the group's prompt once, the other prompt once
+    for rid, ref in zip(rids, alone):
+        assert results[rid].tokens == ref.tokens
+        np.testing.assert_allclose(results[rid].logprobs, ref.logprobs, rtol=1e-5, atol=1e-6)
+    assert len({tuple(results[r].tokens) for r in rids[:4]}) > 1  # the seeds differ
+    engine.set_params(tiny[1])
+    _run_one(engine, group[0])
+    assert len(calls) == 3

@@ -117,11 +117,18 @@ def test_no_recompilation_after_first_step():
 
 @pytest.mark.parametrize(
     "overrides,rtol",
-    [(["remat=full"], 1e-6), (["remat=dots"], 1e-6), (["dtype=bfloat16"], 2e-2)],
-    ids=["remat-full", "remat-dots", "bf16-compute-fp32-master"],
+    [
+        (["remat=full"], 1e-6),
+        (["remat=dots"], 1e-6),
+        (["scan_layers=false"], 1e-6),
+        (["scan_layers=false", "remat=full"], 1e-6),
+        (["dtype=bfloat16"], 2e-2),
+    ],
+    ids=["remat-full", "remat-dots", "layer-loop", "layer-loop-remat", "bf16-compute-fp32-master"],
 )
 def test_remat_and_dtype_policy(overrides, rtol):
-    """Remat changes nothing numerically; bf16 compute over fp32 master weights stays close."""
+    """Remat and a layer loop instead of a scan change nothing numerically; bf16 compute over
+    fp32 master weights stays close."""
     mesh = make_mesh(devices=jax.devices()[:1])
     runs = []
     for extra in ([], overrides):

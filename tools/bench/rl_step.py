@@ -27,17 +27,17 @@ window closes), so both see the same machine load; the first `--warmup` steps of
 compile) are reported separately as "first steps" and excluded; medians of the rest.
 
 Also reported: the update's MFU on this CPU, model FLOPs (2 x params x tokens per forward plus
-attention's QK^T and AV; fwd + bwd = 3 forwards, +1 for jreason's old-log-prob forward) over the
+attention's QK^T and AV; fwd + bwd = 3 forwards) over the
 update time and over the fp32 rate of a jitted 2048^3 matmul measured in the same run; and the
 first `--warmup` steps of each stack (compilation). jreason[trainer] is built after
 jreason[engine] and reuses the engine's compiled decode functions, so its first steps compile
-only its own train step and old-log-prob forward.
+only its own train step.
 
 jreason is timed twice per round, with the two old-log-prob modes of `algo.old_logprobs`:
-"trainer" (the default: an extra forward over the batch recomputes them) and "engine" (the
-rollout's own). tunix with num_iterations=1 does neither: it takes the old log-probs as
-stop_gradient of the current ones, which is exact for one on-policy update, so "engine" is the
-like-for-like row and "trainer" shows the cost of jreason's default.
+"trainer" (the default) and "engine" (the rollout's own log-probs as pi_old). With one update
+per step the trainer mode needs no extra forward: the update runs at the rollout's weights, so
+pi_old is stop_gradient of the loss's own log-probs (loop.py, losses.py), which is also what
+tunix does with num_iterations=1. The rows differ only in the ratio's denominator.
 
 Left out: tokenization (both sides use the same trivial whitespace tokenizer over "t<id>"
 words), logging/metric backends (none on either side), checkpoints, eval, dynamic sampling,
@@ -194,13 +194,15 @@ class JreasonGRPO:
         from jreason.train import state as state_lib
         from jreason.train.config import MeshConfig, OptimConfig
         from jreason.train.rl.config import AlgoConfig, RolloutConfig
-        from jreason.train.rl.losses import make_loss, token_logprobs
+        from jreason.train.rl.losses import make_loss
         from jreason.train.setup import make_mesh
         from jreason.train.step import compile_step, make_train_step
 
         self.args, self.old_mode = args, old_logprobs
         self.mesh = make_mesh(MeshConfig())
         cfg, params = load_hf(ckpt, self.mesh)
+        # a Python loop over the layers in training, as tunix's Qwen2 (model.scan_layers)
+        cfg = cfg.replace(scan_layers=False)
         self.model, _ = abstract_model(cfg)
         self.tok = JreasonTokenizer(cfg.vocab_size)
         self.reward = TextReward()
@@ -236,20 +238,6 @@ class JreasonGRPO:
         )
         self.step_fn = compile_step(
             make_train_step(model, optimizer, schedule, loss_fn), st_sh, self.mesh
-        )
-        self.old_logprobs_fn = jax.jit(
-            lambda p, batch: jax.lax.map(
-                lambda b: token_logprobs(
-                    model,
-                    p,
-                    b["inputs"],
-                    b["positions"],
-                    b["segment_ids"],
-                    b["targets"],
-                    r.temperature,
-                )[0],
-                batch,
-            )
         )
         self.engine = Engine(
             model,
@@ -326,12 +314,15 @@ class JreasonGRPO:
         )
         order = np.random.default_rng([0, step]).permutation(self.n_rows)
         rows = {k: v[order] for k, v in rows.items()}
+        # as loop.py: one update at the rollout's weights takes pi_old from the loss's own
+        # forward (NaN = "the current policy"); "engine" uses the rollout's log-probs
+        rows["old_logprobs_bt"] = (
+            rows["engine_logprobs_bt"]
+            if self.old_mode == "engine"
+            else np.full_like(rows["loss_mask"], np.nan)
+        )
+        del rows["engine_logprobs_bt"]
         batch = to_global_batch(rows, self.mesh, 1)
-        if self.old_mode == "trainer":
-            batch["old_logprobs_bt"] = self.old_logprobs_fn(self.state["params"], batch)
-        else:
-            batch["old_logprobs_bt"] = batch["engine_logprobs_bt"]
-        del batch["engine_logprobs_bt"]
         self.state, metrics = self.step_fn(self.state, batch)
         metrics = jax.device_get(metrics)
         t2 = time.perf_counter()
@@ -619,7 +610,7 @@ def main(argv=None):
     for name, times, init, forwards in (
         ("tunix GRPOLearner", theirs.times, setup["tunix"], 3),
         ("jreason (old logprobs: engine)", ours_times["engine"], setup["engine"], 3),
-        ("jreason (old logprobs: trainer, default)", ours_times["trainer"], setup["trainer"], 4),
+        ("jreason (old logprobs: trainer, default)", ours_times["trainer"], setup["trainer"], 3),
     ):
         step = med(times, "step")
         flops = update_flops(jcfg, completions, seq, forwards)

@@ -266,11 +266,16 @@ def train_rl(cfg: RLConfig) -> dict:
             batches = []
             for m in range(a.minibatches):
                 local = _local_rows(rows, m * mb_rows, (m + 1) * mb_rows)
+                # NaN = "the current policy": the first update runs at the rollout's weights, so
+                # the loss takes pi_old from its own forward (losses.py), no extra pass
+                local["old_logprobs_bt"] = (
+                    local["engine_logprobs_bt"]
+                    if a.old_logprobs == "engine"
+                    else np.full_like(local["loss_mask"], np.nan)
+                )
                 batch = to_global_batch(local, mesh, cfg.optim.grad_accum)
-                if a.old_logprobs == "trainer":
+                if a.old_logprobs == "trainer" and (m or a.epochs > 1):
                     batch["old_logprobs_bt"] = old_logprobs_fn(state["params"], batch)
-                else:
-                    batch["old_logprobs_bt"] = batch["engine_logprobs_bt"]
                 if ref_params is not None:
                     batch["ref_logprobs_bt"] = old_logprobs_fn(ref_params, batch)
                 if a.tis_cap is None:

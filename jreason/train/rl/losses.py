@@ -52,7 +52,10 @@ Batch fields, each (B, T) (the step sees (A, b, T)):
     loss_mask          1 on sampled completion tokens; 0 on prompt, padding and forced tokens
                        (budget forcing, Markovian carryover: the policy did not sample them)
     old_logprobs_bt    log pi_old(target) at rollout time: the trainer's recomputation
-                       (`token_logprobs`), or the engine's own if not recomputed
+                       (`token_logprobs`), or the engine's own if not recomputed. NaN means
+                       "the current policy": the update runs at the rollout's weights (the
+                       first minibatch of the first epoch), so pi_old = stop_gradient(logp) is
+                       the trainer's recomputation without a second forward pass
     advantages_bt      the sequence's (trace's) advantage on each of its tokens
     loss_weights_bt, loss_denom_bt    from `aggregation_weights`
     engine_logprobs_bt (tis_cap only)   `Result.logprobs` / `Chunk.logprobs` from the engine
@@ -124,7 +127,11 @@ def ppo_clip_loss(
     def field(name):  # masked-out entries may be NaN (forced tokens): never let them in
         return jnp.where(valid_bt, mb[name].astype(jnp.float32), 0.0)
 
-    old_bt, adv_bt = field("old_logprobs_bt"), field("advantages_bt")
+    adv_bt = field("advantages_bt")
+    # NaN old log-prob: the update runs at the rollout's own weights, pi_old is the current policy
+    old_bt = mb["old_logprobs_bt"].astype(jnp.float32)
+    old_bt = jnp.where(jnp.isnan(old_bt), jax.lax.stop_gradient(logp_bt), old_bt)
+    old_bt = jnp.where(valid_bt, old_bt, 0.0)
     log_ratio_bt = jnp.clip(logp_bt - old_bt, -_MAX_LOG_RATIO, _MAX_LOG_RATIO)
     ratio_bt = jnp.exp(log_ratio_bt)
     clipped_bt = jnp.clip(ratio_bt, 1.0 - eps_low, 1.0 + eps_high)

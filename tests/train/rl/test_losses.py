@@ -230,6 +230,25 @@ def test_two_microbatches_give_the_same_update_as_one(aggregation):
         np.testing.assert_allclose(m2[k], m1[k], rtol=1e-5, atol=1e-7, err_msg=k)
 
 
+def test_nan_old_logprobs_mean_the_current_policy():
+    """NaN old log-probs (the first update at the rollout's weights) give the same loss, metrics
+    and gradient as old log-probs recomputed by a separate forward pass at those weights."""
+    params, batch = _random_batch("seq_mean_token_mean")
+    logp, _ = token_logprobs(
+        Bigram(), params, batch["inputs"], None, None, batch["targets"], temperature=0.8
+    )
+    step = _sgd_step(**DAPO, tis_cap=2.0, temperature=0.8)
+    recomputed = step(_state(params), _split(batch | {"old_logprobs_bt": np.asarray(logp)}, 1))
+    nan = step(_state(params), _split(batch | {"old_logprobs_bt": np.full_like(logp, np.nan)}, 1))
+    np.testing.assert_allclose(
+        nan[0]["params"]["table"], recomputed[0]["params"]["table"], atol=1e-7
+    )
+    assert not np.allclose(nan[0]["params"]["table"], params["table"])
+    for k in recomputed[1]:
+        np.testing.assert_allclose(nan[1][k], recomputed[1][k], rtol=1e-6, atol=1e-7, err_msg=k)
+    assert float(nan[1]["token_ratio"]) == 1.0  # the mean ratio: exactly 1 on every token
+
+
 def test_aggregation_weights_and_errors():
     mask = np.array([[0, 1, 1, 1], [0, 1, 0, 0], [1, 1, 0, 0]], np.float32)
     w, d = aggregation_weights("seq_mean_token_mean", mask)
