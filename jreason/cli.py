@@ -165,15 +165,22 @@ def _cmd_demo(args) -> int:
     lines.append(f"  SFT run directory         {run_dir}  (report.json, plot.png, export-hf/)")
     if run_rl:
         rl = train_rl(rl_cfg)
-        lines.append(f"  GRPO: {rl['step']} steps from the SFT export")
+        mk = rl_cfg.rollout.markovian
+        algo = f"Delethink (C={mk.chunk_size}, I={mk.max_chunks})" if mk.chunk_size else "GRPO"
+        lines.append(f"  {algo}: {rl['step']} steps from the SFT export")
         if "eval" in rl:
-            before = rl.get("eval_before", {}).get("accuracy")
+            before = rl.get("eval_before", {})
             n = rl_cfg.eval.num_examples
-            shown = f"{before:.1%} -> " if before is not None else ""
+            shown = f"{before['accuracy']:.1%} -> " if "accuracy" in before else ""
             lines.append(
                 f"  RL held-out accuracy      {shown}{rl['eval']['accuracy']:.1%} "
                 f"(greedy through the engine, {n} unseen problems)"
             )
+            if mk.chunk_size:
+                lines.append(
+                    f"  peak context per sequence {rl['eval']['peak_context']:.0f} tokens "
+                    f"(mean trace {rl['eval']['mean_length']:.0f} tokens)"
+                )
         lines.append(f"  RL run directory          {rl['run_dir']}  (report.json, plot.png)")
     print()
     print("\n".join(lines))

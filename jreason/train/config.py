@@ -46,6 +46,9 @@ class OptimConfig:
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    # horizon of warmup + decay in optimizer steps; None = the run's steps. Longer than the run
+    # stops partway down the schedule (MaxText's learning_rate_schedule_steps)
+    schedule_steps: int | None = None
     weight_decay: float = 0.1
     b1: float = 0.9
     b2: float = 0.95

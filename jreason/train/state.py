@@ -14,6 +14,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jreason import sharding
+from jreason.config import ConfigError
 from jreason.train.config import OptimConfig
 
 
@@ -47,7 +48,9 @@ def _decay_mask(params):
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int):
-    schedule = make_schedule(cfg, total_steps)
+    if cfg.schedule_steps is not None and cfg.schedule_steps < 1:
+        raise ConfigError(f"optim.schedule_steps={cfg.schedule_steps} must be >= 1 (or null)")
+    schedule = make_schedule(cfg, cfg.schedule_steps or total_steps)
     parts = []
     if cfg.clip_norm:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))

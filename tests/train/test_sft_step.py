@@ -140,3 +140,20 @@ def test_remat_and_dtype_policy(overrides, rtol):
         assert state["params"]["embed"].dtype == jnp.float32  # master weights stay fp32
         runs.append(losses)
     np.testing.assert_allclose(runs[1], runs[0], rtol=rtol)
+
+
+def test_schedule_steps_stops_partway_down_the_schedule():
+    """optim.schedule_steps: a 6-step run on a 10-step horizon sees the first 6 learning rates of
+    the 10-step run (and so decays less than a 6-step schedule); a bad value names the key."""
+    import dataclasses
+
+    from jreason.config import ConfigError
+
+    cfg = OptimConfig(lr=1.0, warmup_steps=2, min_lr_ratio=0.0)
+    _, full = state_lib.make_optimizer(cfg, 10)
+    _, part = state_lib.make_optimizer(dataclasses.replace(cfg, schedule_steps=10), 6)
+    _, short = state_lib.make_optimizer(cfg, 6)
+    np.testing.assert_allclose([part(i) for i in range(6)], [full(i) for i in range(6)])
+    assert float(short(5)) < float(part(5)) - 0.1
+    with pytest.raises(ConfigError, match="optim.schedule_steps"):
+        state_lib.make_optimizer(dataclasses.replace(cfg, schedule_steps=0), 6)

@@ -18,7 +18,8 @@ and reference roles share one 1-device CPU mesh (fsdp x tp = 1 x 1; actor and ro
 share the weights, so there is no weight sync), rollout engine "vanilla"
 (`tunix.generate.sampler.Sampler`). Its rollout is timed by wrapping `RLCluster.generate`, the
 whole step by wrapping `GRPOLearner._run_global_step` (and blocking on the updated params).
-jreason runs the pieces of `jreason.train.rl.loop.train_rl` directly (same calls, minus
+jreason (with `model.scan_layers: false`: a Python loop over the layers in training, as tunix's
+Qwen2 has) runs the pieces of `jreason.train.rl.loop.train_rl` directly (same calls, minus
 checkpoints, metrics files and eval): `Engine.set_params` + `rollout.generate_groups` (the
 decode engine, 64 slots) = rollout; then `compute_advantages`, `build_rows`, the
 old-log-prob forward and the compiled `make_train_step` update, blocked on its metrics. Steps
