@@ -101,12 +101,30 @@ def _init_distributed(args, *, logs: bool = True) -> None:
         distributed.setup_logging()
 
 
+def _step_window(text: str) -> tuple[int, int]:
+    start, sep, stop = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return int(start), int(stop)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--profile {text!r}: expected START:STOP step numbers, e.g. 10:15"
+        ) from None
+
+
+def _profile_override(args) -> list[str]:
+    if args.profile is None:
+        return []
+    return [f"profile_steps=[{args.profile[0]}, {args.profile[1]}]"]
+
+
 def _cmd_train(args) -> int:
     from jreason.train.config import load_train_config
     from jreason.train.sft import train
 
     _init_distributed(args)
-    cfg = load_train_config(args.config, args.overrides)
+    cfg = load_train_config(args.config, [*args.overrides, *_profile_override(args)])
     report = train(cfg)
     print(json.dumps(report, indent=2))
     return 0
@@ -117,7 +135,7 @@ def _cmd_rl(args) -> int:
     from jreason.train.rl.loop import train_rl
 
     _init_distributed(args)
-    cfg = load_rl_config(args.config, args.overrides)
+    cfg = load_rl_config(args.config, [*args.overrides, *_profile_override(args)])
     report = train_rl(cfg)
     print(json.dumps(report, indent=2))
     return 0
@@ -381,6 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="jreason train --config configs/sft/demo.yaml optim.lr=3e-4 mesh.fsdp=4",
     )
     p.add_argument("--config", required=True, help="experiment YAML (configs/sft/*.yaml)")
+    p.add_argument(
+        "--profile",
+        type=_step_window,
+        metavar="START:STOP",
+        help="JAX profiler trace of steps START..STOP-1 in RUN_DIR/profile (= profile_steps)",
+    )
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     p.set_defaults(fn=_cmd_train)
 
@@ -391,6 +415,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="jreason rl --config configs/rl/demo.yaml algo.eps_high=0.28",
     )
     p.add_argument("--config", required=True, help="experiment YAML (configs/rl/*.yaml)")
+    p.add_argument(
+        "--profile",
+        type=_step_window,
+        metavar="START:STOP",
+        help="JAX profiler trace of steps START..STOP-1 in RUN_DIR/profile (= profile_steps)",
+    )
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     p.set_defaults(fn=_cmd_rl)
 

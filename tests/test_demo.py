@@ -26,6 +26,7 @@ def test_demo_writes_run_directory(tmp_path):
             "demo",
             f"run_dir={run}",
             "steps=12",
+            "profile_steps=[3, 5]",
             "log_every=4",
             "checkpoint.every=6",
             "eval.every=6",
@@ -58,6 +59,7 @@ def test_demo_writes_run_directory(tmp_path):
         "6",
     ]
     assert any((run / "tb").iterdir())
+    assert len(list((run / "profile").rglob("*.xplane.pb"))) == 1  # the profiled window
 
     # the exported model is a transformers model with the same logits
     export = run / "export-hf"

@@ -4,6 +4,8 @@ Llama 2/3, Qwen2/2.5, Qwen3 and Mistral-style models differ in a handful of swit
 q/k RMSNorm, tied embeddings, rope scaling, sliding window), so one config and one decoder cover
 them; `family` only decides the Hugging Face architecture name written on export. Presets for
 real and tiny sizes live in `configs/models/*.yaml` and load with `load_config("qwen2.5-0.5b")`.
+A preset marked `family: recurrent` is a recurrent-depth `RecurrentConfig` instead
+(model/recurrent.py); `preset_family` tells the two apart before loading.
 """
 
 from __future__ import annotations
@@ -119,8 +121,8 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in presets_dir().glob("*.yaml"))
 
 
-def load_config(name_or_path: str | Path, overrides: list[str] = ()) -> ModelConfig:
-    """A preset name (`qwen2.5-0.5b`) or a YAML path -> ModelConfig."""
+def preset_path(name_or_path: str | Path) -> Path:
+    """A preset name (`qwen2.5-0.5b`) or a YAML path -> the YAML file."""
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
         path = presets_dir() / f"{name_or_path}.yaml"
@@ -128,4 +130,21 @@ def load_config(name_or_path: str | Path, overrides: list[str] = ()) -> ModelCon
             raise config_lib.ConfigError(
                 f"unknown model preset {str(name_or_path)!r}; presets: {list_presets()}"
             )
+    return path
+
+
+def preset_family(name_or_path: str | Path) -> str:
+    """The preset's `family` key: "recurrent" marks a RecurrentConfig (model/recurrent.py),
+    anything else (or none) a ModelConfig."""
+    return str(config_lib.load_yaml(preset_path(name_or_path)).get("family", "llama"))
+
+
+def load_config(name_or_path: str | Path, overrides: list[str] = ()) -> ModelConfig:
+    """A preset name (`qwen2.5-0.5b`) or a YAML path -> ModelConfig."""
+    path = preset_path(name_or_path)
+    if preset_family(path) == "recurrent":
+        raise config_lib.ConfigError(
+            f"{path}: family: recurrent is a recurrent-depth model, not a ModelConfig; load it "
+            "with jreason.model.recurrent.load_recurrent_config"
+        )
     return config_lib.load(ModelConfig, path, overrides)

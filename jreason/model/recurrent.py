@@ -42,10 +42,13 @@ Threshold 0 never exits early: exactly fixed r = max_steps. The per-iteration co
 score the exit; the logits and the coda cache come from one last coda pass on the final states.
 
 The training loss (`recurrent_cross_entropy_loss`) has the trainer's contract
-`loss_fn(model, params, mb) -> (loss_sum, aux)`. The step does not hand losses a key, so r and
-s_0 come from `mb["rng"]` (raw uint32 key data) when the batch carries one, and otherwise from
-a hash of the batch's tokens: deterministic and replicated across devices (one r per
-microbatch, as the SPMD while loop needs), different for every distinct batch.
+`loss_fn(model, params, mb) -> (loss_sum, aux)`. r and s_0 come from `mb["rng"]` (raw uint32
+key data), which train/step.py splits per microbatch from the run's seed and step number, so
+every step draws a new depth and a resumed run the same ones; a batch without one (a caller
+outside the step) falls back to a hash of its tokens. Either way the key is replicated across
+devices: one r per microbatch, as the SPMD while loop needs. A preset YAML marked
+`family: recurrent` (configs/models/tiny-recurrent.yaml) is what the SFT trainer builds this
+model from (train/setup.py).
 
 Left out: the paper's other exit rules and state inits (zeros, "like-init"), noise injection,
 continuous-CoT KV sharing, and decode-engine integration (the engine expects transformer
@@ -104,6 +107,9 @@ class RecurrentConfig:
     n_heads: int
     n_kv_heads: int
     d_ff: int
+    # The marker a preset YAML carries (`family: recurrent`) so the trainer builds this config
+    # and this model rather than a ModelConfig decoder (train/setup.py).
+    family: Literal["recurrent"] = "recurrent"
     head_dim: int | None = None
     norm_eps: float = 1e-6
     rope: RopeConfig = RopeConfig()
@@ -163,6 +169,12 @@ class RecurrentConfig:
     def block_config(self, n_layers: int) -> ModelConfig:
         """The ModelConfig of one section: what `Block` and the layer runners read."""
         return ModelConfig(**{f: getattr(self, f) for f in _BLOCK_FIELDS}, n_layers=n_layers)
+
+    @property
+    def n_params(self) -> int:
+        """Parameter count: the three sections' Blocks, embeddings, adapter (2D x D), 2 norms."""
+        blocks = self.block_config(self.n_prelude + self.n_core + self.n_coda)
+        return blocks.n_params + 2 * self.d_model * self.d_model + self.d_model
 
     @property
     def state_std(self) -> float:

@@ -91,7 +91,7 @@ class TrainConfig:
     seed: int = 0
     steps: int = 1000
     log_every: int = 10
-    profile_steps: tuple[int, ...] = ()  # [start, stop): write a JAX profiler trace
+    profile_steps: tuple[int, ...] = ()  # [start, stop): a JAX profiler trace (profiling.py)
     model: ModelSpec = ModelSpec()
     tokenizer: TokenizerSpec = TokenizerSpec()
     data: DataConfig = DataConfig()
@@ -109,6 +109,11 @@ class TrainConfig:
             )
         if self.steps < 1:
             raise config_lib.ConfigError(f"steps: must be >= 1, got {self.steps}")
+        p = self.profile_steps
+        if p and (len(p) != 2 or not 1 <= p[0] < p[1]):
+            raise config_lib.ConfigError(
+                f"profile_steps: expected [start, stop] with 1 <= start < stop, got {list(p)}"
+            )
 
 
 def load_train_config(path, overrides=()) -> TrainConfig:

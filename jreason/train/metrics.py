@@ -79,12 +79,30 @@ def train_flops_per_token(cfg, seq_len: int) -> float:
     token attends to T / 2 keys on average, giving 6 * L * N * H * T. N is query heads: grouped
     kv heads save memory, not score FLOPs. A sliding window is not taken into account.
     """
+    if getattr(cfg, "family", None) == "recurrent":
+        return _recurrent_train_flops_per_token(cfg, seq_len)
     D, V, L = cfg.d_model, cfg.vocab_size, cfg.n_layers
     N, H, T = cfg.n_heads, cfg.head_dim, seq_len
     embedding_tables = V * D * (1 if cfg.tie_embeddings else 2)
     matmul_params = cfg.n_params - embedding_tables + V * D
     attention = 6 * 2 * L * N * H * T / 2
     return float(6 * matmul_params + attention)
+
+
+def _recurrent_train_flops_per_token(cfg, seq_len: int) -> float:
+    """`train_flops_per_token` for a recurrent-depth model (model/recurrent.py) at E[r].
+
+    Prelude, coda and head run forward and backward once. The core runs E[r] = mean + 1 times
+    forward (its adapter, 2D x D, with it) but backward only through the last backprop_depth
+    iterations, so it costs 1/3 of a layer's 3 passes per forward and 2/3 per backward.
+    """
+    one, two = (train_flops_per_token(cfg.block_config(n), seq_len) for n in (1, 2))
+    layer = two - one  # a Block's forward + backward, attention included
+    head = one - layer  # the lm_head matmul
+    fwd = cfg.mean_recurrence + 1.0
+    bwd = min(fwd, cfg.backprop_depth)
+    core = cfg.n_core * layer + 6 * 2 * cfg.d_model * cfg.d_model
+    return float(head + (cfg.n_prelude + cfg.n_coda) * layer + core * (fwd + 2 * bwd) / 3)
 
 
 def mfu(

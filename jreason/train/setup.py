@@ -19,6 +19,7 @@ from jreason.data.tasks import get_task
 from jreason.data.verify import score_math
 from jreason.decode.sampler import generate
 from jreason.model import config as model_config
+from jreason.model import recurrent, transformer
 from jreason.model.store import load_model
 from jreason.model.transformer import init_model
 from jreason.tokenizer import load_tokenizer, train_sentencepiece
@@ -85,7 +86,11 @@ def _train_task_tokenizer(cfg, tok_dir: Path) -> None:
 
 
 def build_model(cfg, tokenizer, mesh):
-    """(Model, params sharded over mesh, ModelConfig) from a checkpoint or a preset."""
+    """(Model, params sharded over mesh, ModelConfig) from a checkpoint or a preset.
+
+    A preset marked `family: recurrent` gives (RecurrentModel, params, RecurrentConfig) instead,
+    with `model.overrides` naming RecurrentConfig fields (`n_core`, `mean_recurrence`, ...).
+    """
     spec = cfg.model
     dtype_kw = {
         k: getattr(spec, k)
@@ -111,6 +116,12 @@ def build_model(cfg, tokenizer, mesh):
     if not spec.preset:
         raise config_lib.ConfigError("model: set model.preset or model.init_from")
     overrides = {"vocab_size": tokenizer.vocab_size, **spec.overrides, **dtype_kw}
+    if model_config.preset_family(spec.preset) == "recurrent":
+        base = recurrent.load_recurrent_config(model_config.preset_path(spec.preset))
+        data = {**config_lib.to_dict(base), **config_lib.to_dict(overrides)}
+        model_cfg = config_lib.from_dict(recurrent.RecurrentConfig, data)
+        model, params = recurrent.init_recurrent(model_cfg, jax.random.key(cfg.seed), mesh=mesh)
+        return model, params, model_cfg
     base = model_config.load_config(spec.preset)
     data = {**config_lib.to_dict(base), **config_lib.to_dict(overrides)}
     data["eos_token_ids"] = [i for i in sorted(tokenizer.stop_ids)]
@@ -118,6 +129,16 @@ def build_model(cfg, tokenizer, mesh):
     model_cfg = config_lib.from_dict(model_config.ModelConfig, data)
     model, params = init_model(model_cfg, jax.random.key(cfg.seed), mesh=mesh)
     return model, params, model_cfg
+
+
+def is_recurrent(model_cfg) -> bool:
+    """Whether `build_model` made a recurrent-depth model (model/recurrent.py)."""
+    return isinstance(model_cfg, recurrent.RecurrentConfig)
+
+
+def param_axes(model_cfg) -> dict:
+    """Logical axis names of the params `build_model` made, for either kind of model."""
+    return (recurrent if is_recurrent(model_cfg) else transformer).param_axes(model_cfg)
 
 
 def evaluate(cfg, model, params, tokenizer) -> dict:

@@ -5,6 +5,11 @@
     tokenizer (given, or trained on the task's text) -> model (preset or checkpoint) ->
     grain iterator -> jitted step (sharded, donated) -> metrics / checkpoints / eval -> export
 
+A recurrent-depth preset (`family: recurrent`, model/recurrent.py) trains with
+`recurrent_cross_entropy`, the step's per-microbatch key choosing each step's depth; its greedy
+eval and HF export are skipped with a warning (the sampler runs transformer params only, and
+the model has no HF format).
+
 Resuming is automatic: if `run_dir/checkpoints` holds a readable checkpoint, state and data
 position are restored from it and the run continues as if never interrupted (the exactness test
 kills a real process and compares final params bitwise). SIGTERM saves and exits cleanly.
@@ -30,12 +35,21 @@ import optax
 from jreason import config as config_lib
 from jreason import distributed
 from jreason.data import pipeline
-from jreason.model.transformer import param_axes
+from jreason.model.recurrent import recurrent_cross_entropy_loss
 from jreason.train import checkpoint as ckpt_lib
 from jreason.train import metrics as metrics_lib
 from jreason.train import state as state_lib
 from jreason.train.config import TrainConfig
-from jreason.train.setup import build_model, build_tokenizer, evaluate, make_mesh, tokenizer_dir
+from jreason.train.profiling import StepProfiler
+from jreason.train.setup import (
+    build_model,
+    build_tokenizer,
+    evaluate,
+    is_recurrent,
+    make_mesh,
+    param_axes,
+    tokenizer_dir,
+)
 from jreason.train.step import batch_sharding, compile_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -50,7 +64,11 @@ def cross_entropy_loss(model, params, mb):
     return (ce_bt * mask_bt).sum(), {"n_tokens": mask_bt.sum(), "accuracy": correct_bt.sum()}
 
 
-LOSSES = {"cross_entropy": cross_entropy_loss}
+# recurrent_cross_entropy: the same loss at a depth sampled per step (model/recurrent.py)
+LOSSES = {
+    "cross_entropy": cross_entropy_loss,
+    "recurrent_cross_entropy": recurrent_cross_entropy_loss,
+}
 
 
 def to_global_batch(local: dict, mesh, grad_accum: int) -> dict:
@@ -75,6 +93,15 @@ def train(cfg: TrainConfig) -> dict:
     if is_main:
         config_lib.save(cfg, run_dir / "config.yaml")
         config_lib.save(model_cfg, run_dir / "model.yaml")
+    recurrent = is_recurrent(model_cfg)
+    if recurrent and is_main and cfg.eval.num_examples > 0:
+        log.warning(
+            "eval: skipped for a recurrent-depth model: the greedy sampler (decode/sampler.py) "
+            "runs transformer params only"
+        )
+
+    def run_eval(params) -> dict:
+        return {} if recurrent else evaluate(cfg, model, params, tokenizer)
 
     data_iter = pipeline.build_iterator(
         cfg.data, tokenizer, process_index=jax.process_index(), process_count=jax.process_count()
@@ -101,9 +128,8 @@ def train(cfg: TrainConfig) -> dict:
             if is_main:
                 log.info("resumed from %s at step %d", checkpointer.directory, start)
 
-    step_fn = compile_step(
-        make_train_step(model, optimizer, schedule, LOSSES["cross_entropy"]), st_shardings, mesh
-    )
+    loss_fn = LOSSES["recurrent_cross_entropy" if recurrent else "cross_entropy"]
+    step_fn = compile_step(make_train_step(model, optimizer, schedule, loss_fn), st_shardings, mesh)
     flops_per_token = metrics_lib.train_flops_per_token(model_cfg, cfg.data.seq_len)
     device_kind = jax.devices()[0].device_kind
     logger = metrics_lib.MetricsLogger(
@@ -118,16 +144,14 @@ def train(cfg: TrainConfig) -> dict:
     t_last, tokens_since = time.perf_counter(), 0.0
     pending = []  # (step, metrics) not yet fetched to host: keeps dispatch asynchronous
     preempted = False
-    with ckpt_lib.PreemptionFlag() as preempt:
+    profiler = StepProfiler(cfg.profile_steps, run_dir / "profile")
+    with ckpt_lib.PreemptionFlag() as preempt, profiler:
         for step in range(start + 1, cfg.steps + 1):
-            if cfg.profile_steps and step == cfg.profile_steps[0]:
-                jax.profiler.start_trace(str(run_dir / "profile"))
+            profiler.before(step)
             batch = to_global_batch(next(data_iter), mesh, cfg.optim.grad_accum)
             state, metrics = step_fn(state, batch)
             pending.append((step, metrics))
-            if cfg.profile_steps and step == cfg.profile_steps[-1]:
-                jax.block_until_ready(state)
-                jax.profiler.stop_trace()
+            profiler.after(step, state)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 host = [(s, jax.device_get(m)) for s, m in pending]
                 pending.clear()
@@ -144,7 +168,7 @@ def train(cfg: TrainConfig) -> dict:
                     logger.log(s, row)
                 t_last, tokens_since = now, 0.0
             if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.steps:
-                last_eval = evaluate(cfg, model, state["params"], tokenizer)
+                last_eval = run_eval(state["params"])
                 logger.log(step, {f"eval_{k}": v for k, v in last_eval.items()})
             if step % cfg.checkpoint.every == 0 or step == cfg.steps:
                 save(step)
@@ -158,10 +182,12 @@ def train(cfg: TrainConfig) -> dict:
     final_step = int(jax.device_get(state["step"]))
     report = {"run_dir": str(run_dir), "step": final_step, "preempted": preempted}
     if not preempted:
-        last_eval = evaluate(cfg, model, state["params"], tokenizer)
+        last_eval = run_eval(state["params"])
         logger.log(final_step, {f"eval_{k}": v for k, v in last_eval.items()})
         report["eval"] = last_eval
-        if cfg.export.hf:
+        if cfg.export.hf and recurrent:
+            log.warning("export.hf: skipped: a recurrent-depth model has no Hugging Face format")
+        elif cfg.export.hf:
             ckpt_lib.export_hf(
                 run_dir / "export-hf", model_cfg, state["params"], tokenizer_dir(cfg, run_dir)
             )

@@ -11,6 +11,11 @@ the loss also returns a count for it: a key `<group>_count` is the denominator o
 `<group>` and `<group>_<name>` (so `token_count` averages `token_entropy`, `token_kl`, ... over
 tokens even when the loss is a mean over sequences), and is itself reported as a plain sum.
 
+Randomness: each microbatch gets `mb["rng"]`, raw uint32 key data split from
+`fold_in(state["rng"], state["step"])`, so a stochastic loss (recurrent depth's sampled r) draws
+fresh values every step and a resumed run draws the same ones; deterministic losses never read
+it. A batch that already carries `rng` (A, ...) keeps it: the caller chose the keys.
+
 Compiled once with explicit in/out shardings and the state donated; batch shapes are fixed by
 the pipeline, so nothing recompiles after step 1.
 """
@@ -32,6 +37,11 @@ def make_train_step(model, optimizer, schedule, loss_fn: LossFn):
     def step(state, batch):
         """batch leaves are (A, b, T): A microbatches of b rows each."""
         params = state["params"]
+        if "rng" not in batch:
+            # made here, inside the jit: replicated, and no input sharding to declare
+            A = jax.tree.leaves(batch)[0].shape[0]
+            key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+            batch = {**batch, "rng": jax.random.key_data(jax.random.split(key, A))}  # (A, 2)
         grad_fn = jax.value_and_grad(lambda p, mb: loss_fn(model, p, mb), has_aux=True)
 
         def micro(carry, mb):

@@ -5,11 +5,14 @@ import torch
 import transformers
 
 from jreason.config import ConfigError, apply_overrides, from_dict
-from jreason.model.config import ModelConfig, list_presets, load_config
+from jreason.model.config import ModelConfig, list_presets, load_config, preset_family
 from jreason.model.hf import config_from_hf, config_to_hf
 
+# recurrent-depth presets (`family: recurrent`) are RecurrentConfigs: tests/model/test_recurrent.py
+DECODER_PRESETS = [n for n in list_presets() if preset_family(n) != "recurrent"]
 
-@pytest.mark.parametrize("name", list_presets())
+
+@pytest.mark.parametrize("name", DECODER_PRESETS)
 def test_preset_param_count_matches_transformers(name):
     cfg = load_config(name)
     hf_cfg = transformers.AutoConfig.for_model(**config_to_hf(cfg))
@@ -40,3 +43,5 @@ def test_overrides_and_unknown_preset():
     assert apply_overrides({"a": {"b": 1}}, ["a.c=[1, 2]"]) == {"a": {"b": 1, "c": [1, 2]}}
     with pytest.raises(ConfigError, match="unknown model preset 'nope'"):
         load_config("nope")
+    with pytest.raises(ConfigError, match="recurrent-depth model.*load_recurrent_config"):
+        load_config("tiny-recurrent")

@@ -250,3 +250,13 @@ def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="n_kv_heads"):
         rc.RecurrentConfig(**{**base, "n_kv_heads": 3})
     assert rc.RecurrentConfig(**base).head_dim == 16
+
+
+def test_preset_loads_and_counts_its_params():
+    from jreason.model.config import preset_path
+
+    cfg = rc.load_recurrent_config(preset_path("tiny-recurrent"), ["n_core=3"])
+    assert (cfg.family, cfg.n_core) == ("recurrent", 3)
+    for c in (cfg, CFG, CFG.replace(tie_embeddings=True, qkv_bias=True)):
+        _, shapes = rc.abstract_recurrent(c)
+        assert sum(x.size for x in jax.tree.leaves(shapes)) == c.n_params

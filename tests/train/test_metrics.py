@@ -15,6 +15,7 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 from jreason.model import ModelConfig
+from jreason.model.recurrent import RecurrentConfig
 from jreason.train import metrics as M
 
 # ---------------------------------------------------------------------------------------------
@@ -52,6 +53,21 @@ def test_train_flops_per_token_numbers():
     # 6 * 6288 + 192 * 64, worked out on paper from the shapes above.
     assert hand_flops_per_token(64) == 50016
     assert M.train_flops_per_token(small_cfg(), 64) == 50016
+
+
+def test_recurrent_flops_count_each_core_pass():
+    kw = dict(vocab_size=64, d_model=16, n_heads=2, n_kv_heads=1, d_ff=32, n_prelude=1, n_coda=2)
+    adapter = 6 * 2 * 16 * 16  # the (2D, D) adapter, forward + backward, per iteration
+    # backprop through every iteration (E[r] = 4 <= k): the model unrolled to 1 + 2 + 4 * 3 layers
+    full = RecurrentConfig(**kw, n_core=3, mean_recurrence=3, backprop_depth=8)
+    unrolled = M.train_flops_per_token(full.block_config(1 + 2 + 4 * 3), 64)
+    assert M.train_flops_per_token(full, 64) == pytest.approx(unrolled + 4 * adapter)
+    # k = 1: 4 forward passes of the core but 1 backward (2/3 of a pass's flops), so the core
+    # costs (4 + 2 * 1) / 3 = 2 passes instead of 4
+    f = M.train_flops_per_token
+    layer = f(full.block_config(2), 64) - f(full.block_config(1), 64)
+    one_pass = 3 * layer + adapter
+    assert f(full.replace(backprop_depth=1), 64) == pytest.approx(f(full, 64) - 2 * one_pass)
 
 
 @pytest.mark.parametrize(

@@ -40,12 +40,19 @@ from jreason.model.transformer import param_axes
 from jreason.train import checkpoint as ckpt_lib
 from jreason.train import metrics as metrics_lib
 from jreason.train import state as state_lib
+from jreason.train.profiling import StepProfiler
 from jreason.train.rl import rollout as rollout_lib
 from jreason.train.rl.advantages import compute_advantages
 from jreason.train.rl.config import RLConfig
 from jreason.train.rl.losses import make_loss, token_logprobs
 from jreason.train.rl.rewards import combine
-from jreason.train.setup import build_model, build_tokenizer, make_mesh, tokenizer_dir
+from jreason.train.setup import (
+    build_model,
+    build_tokenizer,
+    is_recurrent,
+    make_mesh,
+    tokenizer_dir,
+)
 from jreason.train.sft import to_global_batch
 from jreason.train.step import compile_step, make_train_step
 
@@ -158,6 +165,11 @@ def train_rl(cfg: RLConfig) -> dict:
     mesh = make_mesh(cfg.mesh)
     tokenizer = build_tokenizer(cfg, run_dir)
     model, params, model_cfg = build_model(cfg, tokenizer, mesh)
+    if is_recurrent(model_cfg):
+        raise config_lib.ConfigError(
+            f"model.preset: {cfg.model.preset} is a recurrent-depth model, which RL cannot train "
+            "yet: rollouts run on decode/engine.py, which takes transformer params (SFT can)"
+        )
     if is_main:
         config_lib.save(cfg, run_dir / "config.yaml")
         config_lib.save(model_cfg, run_dir / "model.yaml")
@@ -241,8 +253,10 @@ def train_rl(cfg: RLConfig) -> dict:
         report["eval_before"] = evaluate_engine(engine, tokenizer, cfg)
         logger.log(0, {f"eval_{k}": v for k, v in report["eval_before"].items()})
     preempted = False
-    with ckpt_lib.PreemptionFlag() as preempt:
+    profiler = StepProfiler(cfg.profile_steps, run_dir / "profile")
+    with ckpt_lib.PreemptionFlag() as preempt, profiler:
         for step in range(start + 1, cfg.steps + 1):
+            profiler.before(step)  # the trace covers rollouts and updates
             t0 = time.perf_counter()
             engine.set_params(state["params"])
             groups, next_prompt, filtered, rounds = collect(
@@ -289,6 +303,7 @@ def train_rl(cfg: RLConfig) -> dict:
                     metrics.append(m)
             metrics = jax.device_get(metrics)
             t_update = time.perf_counter() - t1
+            profiler.after(step, state)
             row = {
                 k: float(np.mean([m[k] for m in metrics]))
                 for k in metrics[0]

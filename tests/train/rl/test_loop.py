@@ -54,7 +54,14 @@ def _run(run_dir, *extra):
 
 
 def test_grpo_raises_the_reward_it_is_trained_on(tmp_path):
-    rows = _run(tmp_path / "run", "steps=14", "optim.lr=1e-2", "checkpoint.every=100")
+    rows = _run(
+        tmp_path / "run",
+        "steps=14",
+        "optim.lr=1e-2",
+        "checkpoint.every=100",
+        "profile_steps=[5, 7]",
+    )
+    assert len(list((tmp_path / "run" / "profile").rglob("*.xplane.pb"))) == 1
     first = sum(rows[s]["reward"] for s in (1, 2)) / 2
     last = sum(rows[s]["reward"] for s in (13, 14)) / 2
     # measured: 0.34 -> 0.50; a sign error in the loss or advantages would push it down

@@ -97,8 +97,13 @@ def _sgd_step(**options):
     return jax.jit(step)
 
 
+_KEY_DATA = jax.random.key_data(jax.random.key(0))
+
+
 def _state(params):
-    return {"step": 0, "params": params, "opt_state": optax.sgd(1.0).init(params), "rng": 0}
+    opt_state = optax.sgd(1.0).init(params)
+    # rng: key data, as state.init_state makes it (the step splits it into microbatch keys)
+    return {"step": 0, "params": params, "opt_state": opt_state, "rng": _KEY_DATA}
 
 
 def _split(batch, accum):
