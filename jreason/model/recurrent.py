@@ -71,7 +71,13 @@ from jreason.model import kv_cache
 from jreason.model.attention import make_mask
 from jreason.model.config import ModelConfig, RopeConfig
 from jreason.model.layers import RMSNorm, dense, param, rope_frequencies
-from jreason.model.transformer import _stacked_blocks, scan_layers, unrolled_layers
+from jreason.model.transformer import (
+    _split,
+    _stacked_blocks,
+    init_sharded,
+    scan_layers,
+    unrolled_layers,
+)
 
 # ModelConfig fields a RecurrentConfig passes through to its Blocks (everything but n_layers).
 _BLOCK_FIELDS = (
@@ -560,11 +566,6 @@ def cache_axes(cache: dict) -> dict:
     }
 
 
-def _split(decoder: RecurrentDecoder):
-    graphdef, state = nnx.split(decoder)
-    return graphdef, nnx.to_pure_dict(state)
-
-
 def abstract_recurrent(cfg: RecurrentConfig) -> tuple[RecurrentModel, Any]:
     """(RecurrentModel, params as ShapeDtypeStructs)."""
     graphdef, params = _split(nnx.eval_shape(lambda: RecurrentDecoder(cfg, rngs=nnx.Rngs(0))))
@@ -573,18 +574,12 @@ def abstract_recurrent(cfg: RecurrentConfig) -> tuple[RecurrentModel, Any]:
 
 def init_recurrent(cfg: RecurrentConfig, key=None, *, mesh=None) -> tuple[RecurrentModel, Any]:
     """(RecurrentModel, random params); with a mesh the params are created already sharded."""
-    from jreason import sharding
-
-    key = jax.random.key(0) if key is None else key
     model, shapes = abstract_recurrent(cfg)
-    out_shardings = None
-    if mesh is not None:
-        out_shardings = sharding.param_shardings(param_axes(cfg), mesh, shapes)
 
     def init(k):
         return _split(RecurrentDecoder(cfg, rngs=nnx.Rngs(params=k)))[1]
 
-    return model, jax.jit(init, out_shardings=out_shardings)(key)
+    return model, init_sharded(init, shapes, lambda: param_axes(cfg), key, mesh)
 
 
 def param_axes(cfg: RecurrentConfig) -> dict:

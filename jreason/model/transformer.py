@@ -22,6 +22,7 @@ Out of scope here: sampling (decode/), losses (train/), recurrent depth (recurre
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -281,7 +282,7 @@ class Model:
         return self.module(params)(tokens_bt, positions_bt, cache, segment_ids_bt, **kw)
 
 
-def _split(decoder: Decoder):
+def _split(decoder: nnx.Module):
     graphdef, state = nnx.split(decoder)
     return graphdef, nnx.to_pure_dict(state)
 
@@ -299,15 +300,19 @@ def abstract_model(cfg: ModelConfig) -> tuple[Model, Any]:
 
 def init_model(cfg: ModelConfig, key=None, *, mesh=None) -> tuple[Model, Any]:
     """(Model, random params); with a mesh the params are created already sharded."""
+    model, shapes = abstract_model(cfg)
+    init = functools.partial(init_params, cfg)
+    return model, init_sharded(init, shapes, lambda: param_axes(cfg), key, mesh)
+
+
+def init_sharded(init, shapes, axes, key=None, mesh=None):
+    """`init(key)` jitted, its params created with the shardings of `axes()` on `mesh` (shared by
+    every model family: transformer.py, recurrent.py)."""
     from jreason import sharding
 
     key = jax.random.key(0) if key is None else key
-    model, shapes = abstract_model(cfg)
-    out_shardings = None
-    if mesh is not None:
-        out_shardings = sharding.param_shardings(param_axes(cfg), mesh, shapes)
-    params = jax.jit(lambda k: init_params(cfg, k), out_shardings=out_shardings)(key)
-    return model, params
+    out_shardings = None if mesh is None else sharding.param_shardings(axes(), mesh, shapes)
+    return jax.jit(init, out_shardings=out_shardings)(key)
 
 
 def param_axes(cfg: ModelConfig) -> dict:

@@ -45,6 +45,7 @@ class Served:
     model: str = MODEL
     api_key: str = API_KEY
     max_len: int = MAX_LEN
+    stream_head: bytes = b""  # what open_stream read before returning
 
     @property
     def worker(self):
@@ -82,7 +83,8 @@ class Served:
 
     def open_stream(self, max_tokens: int = 100, **extra) -> socket.socket:
         """A streamed completion on a raw socket; returns once its first event arrived, with
-        the socket still open."""
+        the socket still open. The bytes read so far are in `self.stream_head`: a short
+        request can finish (and send `[DONE]`) within that first read."""
         # logprobs: every token is an event (text alone may be held back, e.g. a partial
         # UTF-8 character), so the first event comes with the first token
         body = json.dumps({"model": self.model, "prompt": "1 + 2 =", "max_tokens": max_tokens,
@@ -99,6 +101,7 @@ class Served:
         got = b""
         while b"data:" not in got:
             got += sock.recv(4096)
+        self.stream_head = got
         return sock
 
     def direct(self, requests):
