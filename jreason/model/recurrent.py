@@ -79,31 +79,6 @@ from jreason.model.transformer import (
     unrolled_layers,
 )
 
-# ModelConfig fields a RecurrentConfig passes through to its Blocks (everything but n_layers).
-_BLOCK_FIELDS = (
-    "vocab_size",
-    "d_model",
-    "n_heads",
-    "n_kv_heads",
-    "d_ff",
-    "head_dim",
-    "norm_eps",
-    "rope",
-    "max_seq_len",
-    "qkv_bias",
-    "o_bias",
-    "mlp_bias",
-    "qk_norm",
-    "tie_embeddings",
-    "sliding_window",
-    "init_std",
-    "param_dtype",
-    "dtype",
-    "attention_impl",
-    "remat",
-    "scan_layers",
-)
-
 
 @dataclasses.dataclass(frozen=True)
 class RecurrentConfig:
@@ -188,6 +163,15 @@ class RecurrentConfig:
 
     def replace(self, **kw) -> RecurrentConfig:
         return dataclasses.replace(self, **kw)
+
+
+# ModelConfig fields a RecurrentConfig passes through to its Blocks: every one it shares, so the
+# two cannot drift apart (n_layers is per section; `family` is the preset marker only)
+_BLOCK_FIELDS = tuple(
+    f.name
+    for f in dataclasses.fields(RecurrentConfig)
+    if f.name in {g.name for g in dataclasses.fields(ModelConfig)} - {"n_layers", "family"}
+)
 
 
 def load_recurrent_config(path, overrides: list[str] = ()) -> RecurrentConfig:
