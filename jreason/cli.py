@@ -231,6 +231,23 @@ def _generate_options(args):
         max_slots=args.max_slots,
         max_len=args.max_len,
         logprobs=getattr(args, "logprobs", False),
+        soft_thinking=args.soft_thinking,
+        soft_top_k=args.soft_top_k,
+        soft_top_p=args.soft_top_p,
+        soft_min_p=args.soft_min_p,
+        soft_temperature=args.soft_temperature,
+        cold_stop_entropy=args.cold_stop_entropy,
+        cold_stop_steps=args.cold_stop_steps,
+    )
+
+
+def _engine_kw(args, opts) -> dict:
+    return dict(
+        max_slots=opts.max_slots,
+        max_len=opts.max_len,
+        param_dtype=args.param_dtype,
+        recurrence=args.recurrence,
+        exit_threshold=args.exit_threshold,
     )
 
 
@@ -242,9 +259,7 @@ def _cmd_generate(args) -> int:
     opts = _generate_options(args)
     if not Path(args.input).is_file():
         raise FileNotFoundError(f"--input {args.input} not found")
-    engine, tokenizer = load_engine(
-        args.model, max_slots=opts.max_slots, max_len=opts.max_len, param_dtype=args.param_dtype
-    )
+    engine, tokenizer = load_engine(args.model, **_engine_kw(args, opts))
     stats = run_generate(engine, tokenizer, args.input, args.output, opts)
     print(json.dumps(stats, indent=2))
     return 0
@@ -275,9 +290,7 @@ def _cmd_eval(args) -> int:
 
     _init_distributed(args, logs=False)
     opts = _generate_options(args)
-    engine, tokenizer = load_engine(
-        args.model, max_slots=opts.max_slots, max_len=opts.max_len, param_dtype=args.param_dtype
-    )
+    engine, tokenizer = load_engine(args.model, **_engine_kw(args, opts))
     summary = run_eval(
         engine,
         tokenizer,
@@ -312,13 +325,33 @@ def _cmd_serve(args) -> int:
         max_body_bytes=args.max_body_bytes,
         model_name=args.served_model_name,
     )
-    serve(args.model, opts, param_dtype=args.param_dtype)
+    serve(
+        args.model,
+        opts,
+        param_dtype=args.param_dtype,
+        recurrence=args.recurrence,
+        exit_threshold=args.exit_threshold,
+    )
     return 0
+
+
+def _add_depth_flags(p) -> None:
+    g = p.add_argument_group("recurrent depth (Huginn models only)")
+    g.add_argument(
+        "--recurrence", type=int, default=None,
+        help="core iterations per token (default the model's mean_recurrence; the cap with "
+        "--exit-threshold)",
+    )  # fmt: skip
+    g.add_argument(
+        "--exit-threshold", type=float, default=None,
+        help="adaptive depth: a token stops iterating when KL(step i || step i-1) < this",
+    )  # fmt: skip
 
 
 def _add_generation_flags(p) -> None:
     p.add_argument("--model", required=True, help="Hugging Face or jreason model directory")
     p.add_argument("--param-dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    _add_depth_flags(p)
     g = p.add_argument_group("sampling")
     g.add_argument("--n", type=int, default=1, help="samples per prompt")
     g.add_argument("--max-tokens", type=int, default=1024, help="cap on the whole completion")
@@ -341,6 +374,20 @@ def _add_generation_flags(p) -> None:
     g.add_argument("--keep-head", type=int, default=0)
     g.add_argument("--keep-tail", type=int, default=None, help="default C/2 - keep_head")
     g.add_argument("--max-chunks", type=int, default=8)
+    g = p.add_argument_group(
+        "Soft Thinking",
+        "think in concept tokens (embedding mixtures); the sampling flags then shape the answer "
+        "and --max-thinking-tokens caps the soft steps",
+    )
+    g.add_argument("--soft-thinking", action="store_true", help="enable (decode/soft.py)")
+    g.add_argument("--soft-top-k", type=int, default=15, help="tokens mixed per concept")
+    g.add_argument("--soft-top-p", type=float, default=0.95)
+    g.add_argument("--soft-min-p", type=float, default=0.0)
+    g.add_argument("--soft-temperature", type=float, default=0.6)
+    g.add_argument(
+        "--cold-stop-entropy", type=float, default=None, help="Cold Stop threshold, nats (off)"
+    )
+    g.add_argument("--cold-stop-steps", type=int, default=256, help="low-entropy steps in a row")
     g = p.add_argument_group("engine")
     g.add_argument("--max-slots", type=int, default=16, help="concurrent sequences")
     g.add_argument(
@@ -478,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
     p.add_argument("--max-n", type=int, default=8, help="largest n (choices) per request")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger bodies get 413")
+    _add_depth_flags(p)
     p.set_defaults(fn=_cmd_serve)
 
     p = sub.add_parser("inspect", help="show a model's config, size and tensors")

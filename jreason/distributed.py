@@ -17,7 +17,8 @@ JREASON_DISTRIBUTED=off skips step 2 (a single-process debug run inside a SLURM 
 
 `barrier(name, timeout_s)` waits for every process and, when one does not come, says which: each
 process records its arrival in the coordinator's key-value store before waiting, so the error
-names the missing process ids instead of leaving every host hung. `setup_logging()` gives
+names the missing process ids instead of leaving every host hung. `any_process(flag, name)` turns
+a local event (a SIGTERM on one host) into the same decision on all. `setup_logging()` gives
 process 0 the INFO log and the others warnings only, so N hosts do not print N copies.
 
 Left out: elastic membership and restarts of failed processes (a failed process fails the run;
@@ -275,6 +276,32 @@ def barrier(name: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         ) from e
     with contextlib.suppress(Exception):  # only needed for the error above; keep the store small
         client.key_value_delete(f"{key}/arrived/{me}")
+
+
+def any_process(flag: bool, name: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+    """True on every process when `flag` is True on at least one; `flag` in a single process.
+
+    For decisions that must be unanimous, such as stopping on a SIGTERM that reached only some
+    hosts, or skipping a checkpoint one host cannot read: a process acting alone would leave the
+    others waiting in a collective. Through the coordinator's key-value store and one barrier, so
+    it costs a round trip on the host and never waits for the accelerators. Every process must
+    call it the same number of times in the same order (each use of `name` is its own vote).
+    """
+    st = _jax_distributed_state()
+    if st.client is None:
+        import jax
+
+        if jax.process_count() > 1:
+            import numpy as np
+            from jax.experimental import multihost_utils
+
+            return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+        return bool(flag)
+    key = f"jreason/any/{name}/{_barrier_uses[f'any/{name}'] + 1}"
+    if flag:
+        st.client.key_value_set(f"{key}/{st.process_id}", "1")
+    barrier(f"any/{name}", timeout_s)  # every vote is in the store before anyone reads
+    return bool(flag) or bool(_arrivals(st.client, f"{key}/"))
 
 
 def _arrivals(client, prefix: str) -> set[int] | None:

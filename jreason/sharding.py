@@ -36,8 +36,17 @@ AXIS_RULES: dict[str, tuple[str, ...] | None] = {
 }
 
 
-def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
-    """A (data, fsdp, tensor) mesh; one size may be -1 to take the remaining devices."""
+def make_mesh(
+    data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None, *, dcn_data: int = 1
+) -> Mesh:
+    """A (data, fsdp, tensor) mesh; one size may be -1 to take the remaining devices.
+
+    Device order follows the interconnect: on TPU and GPU `mesh_utils.create_device_mesh` lays
+    the axes onto the physical topology (tensor on the fastest links). `dcn_data > 1` splits the
+    data axis over that many slices (TPU multislice; hosts on GPU, where the granule is the
+    process): fsdp and tensor stay inside a slice and only data-parallel gradient reductions
+    cross the slower data-center network (MaxText's dcn_data_parallelism).
+    """
     devices = list(jax.devices() if devices is None else devices)
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
@@ -54,10 +63,36 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None) -> Me
             f"mesh: data*fsdp*tensor = {math.prod(sizes)} but {len(devices)} devices are "
             f"available ({dict(zip(MESH_AXES, sizes))}); use -1 to fill"
         )
-    array = np.asarray(devices).reshape(sizes)
+    if dcn_data < 1 or sizes[0] % dcn_data:
+        raise ValueError(f"mesh.dcn_data={dcn_data} must be >= 1 and divide mesh.data={sizes[0]}")
     # Auto axes: with_sharding_constraint and jit in/out shardings drive the partitioner.
     axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    return Mesh(array, MESH_AXES, axis_types=axis_types)
+    return Mesh(_device_array(devices, sizes, dcn_data), MESH_AXES, axis_types=axis_types)
+
+
+def _device_array(devices: list, sizes: list[int], dcn_data: int) -> np.ndarray:
+    from jax.experimental import mesh_utils
+
+    if dcn_data > 1:
+        # slices on a multislice TPU; elsewhere (one slice, or no slice_index) processes
+        by_slice = len({getattr(d, "slice_index", 0) for d in devices}) > 1
+        granules = {d.slice_index if by_slice else d.process_index for d in devices}
+        if len(granules) != dcn_data:
+            what = "slices" if by_slice else "processes"
+            raise ValueError(
+                f"mesh.dcn_data={dcn_data}: the devices span {len(granules)} {what}; "
+                f"dcn_data must equal that number (or be 1)"
+            )
+        return mesh_utils.create_hybrid_device_mesh(
+            [sizes[0] // dcn_data, *sizes[1:]],
+            [dcn_data, 1, 1],
+            devices,
+            process_is_granule=not by_slice,
+            allow_split_physical_axes=True,
+        )
+    if devices[0].platform in ("tpu", "gpu", "cuda", "rocm") and devices == jax.devices():
+        return mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+    return np.asarray(devices).reshape(sizes)
 
 
 def logical_to_spec(

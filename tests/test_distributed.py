@@ -130,12 +130,16 @@ def test_two_processes_train_and_resume_like_one(tmp_path):
     data = sorted(p.name for p in (run / "checkpoints" / "10" / "data").glob("*.json"))
     assert data == ["process_0-of-2.json", "process_1-of-2.json"]
 
-    second = _run_pair(_train_cmd(run, "steps=20", "export.hf=true"), env, tmp_path / "log2")
+    # resumed on a hybrid mesh: data spans the two processes (as two slices or hosts would)
+    hybrid = ("mesh.data=2", "mesh.dcn_data=2", "mesh.fsdp=2")
+    second = _run_pair(
+        _train_cmd(run, "steps=20", "export.hf=true", *hybrid), env, tmp_path / "log2"
+    )
     for i, r in enumerate(second):
         assert r.returncode == 0, f"process {i} failed:\n{r.stderr[-3000:]}"
     reports = [json.loads(r.stdout[r.stdout.index("{") :]) for r in second]
     assert [r["step"] for r in reports] == [20, 20]
-    assert reports[0]["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert reports[0]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
     assert "final_loss" not in reports[1]  # only process 0 reads back and writes the report
 
     got = _losses(run)
@@ -146,9 +150,9 @@ def test_two_processes_train_and_resume_like_one(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_barrier_timeout_names_the_missing_process_and_initialize_is_idempotent(tmp_path):
+def test_barriers_votes_preemption_and_restore_agree_across_processes(tmp_path):
     def make(coordinator, i):
-        return [sys.executable, str(WORKER), coordinator, str(i)]
+        return [sys.executable, str(WORKER), coordinator, str(i), str(tmp_path / "run")]
 
     results = _run_pair(make, _env(tmp_path), tmp_path / "log", timeout=90)
     for i, r in enumerate(results):
@@ -164,6 +168,11 @@ def test_barrier_timeout_names_the_missing_process_and_initialize_is_idempotent(
     assert "barrier 'only_process_0_comes'" in msg
     assert "process(es) [1] of 2 did not arrive (arrived: [0])" in msg
     assert p0["after"] == p1["after"] == "passed"  # a later barrier still works
+
+    # one process's vote, SIGTERM or unreadable checkpoint decides for both
+    assert p0["votes"] == p1["votes"] == [False, True, False]
+    assert p0["stopped_at"] == p1["stopped_at"] == 3
+    assert p0["restored"] == p1["restored"] == [1, 1, 1.0]
 
     assert "info line from process 0" in results[0].stderr
     assert "info line from process 1" not in results[1].stderr  # warnings only off process 0

@@ -19,6 +19,15 @@ def test_make_mesh_fills_and_validates():
         make_mesh(data=-1, fsdp=-1)
 
 
+def test_dcn_data_is_checked_against_data_and_the_process_count():
+    with pytest.raises(ValueError, match=r"mesh.dcn_data=3 must be >= 1 and divide mesh.data=2"):
+        make_mesh(2, -1, 1, dcn_data=3)
+    # one process (CPU devices have no slice_index): the data axis cannot span 2 granules
+    with pytest.raises(ValueError, match=r"mesh.dcn_data=2: the devices span 1 processes"):
+        make_mesh(2, -1, 1, dcn_data=2)
+    assert make_mesh(2, -1, 1, dcn_data=1).shape["data"] == 2
+
+
 def test_rules_drop_axes_that_do_not_divide():
     mesh = make_mesh(data=1, fsdp=2, tensor=4)
     assert logical_to_spec(("embed", "mlp"), (64, 160), mesh) == P("fsdp", "tensor")

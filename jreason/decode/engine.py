@@ -37,16 +37,17 @@ from jreason.decode import slots
 from jreason.decode.budget import ThinkingBudget
 from jreason.decode.markovian import MarkovianConfig, chunk_room, reset_context
 from jreason.decode.sampling import SamplingArrays
-from jreason.model.transformer import Model, unstack_layers
+from jreason.model.transformer import Model
 
 FINISH_REASONS = ("stop", "length", "cancelled")
 
 # one compiled slice-and-fuse per weight layout: RL hands the engine new weights every step
-_unstack_jit = jax.jit(unstack_layers)
+_layout_jit = jax.jit(lambda model, params: model.decode_params(params), static_argnums=0)
 
 
-def _decode_layout(params):
-    return params if isinstance(params["layers"], list) else _unstack_jit(params)
+def _decode_layout(model, params):
+    """The model's decode layout of `params` (one jitted call; params already in it pass)."""
+    return params if isinstance(params.get("layers"), list) else _layout_jit(model, params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +157,7 @@ class Engine:
                 f"max_len={max_len} exceeds the model's max_seq_len={model.cfg.max_seq_len}"
             )
         # per-layer weights: the layout the cached (unrolled) forward reads without copies
-        self.model, self.params = model, _decode_layout(params)
+        self.model, self.params = model, _decode_layout(model, params)
         self.max_slots, self.max_len = max_slots, max_len
         self.buckets = tuple(sorted(buckets or slots.prefill_buckets(max_len)))
         if self.buckets[-1] > max_len:
@@ -178,7 +179,7 @@ class Engine:
 
     def set_params(self, params) -> None:
         """New weights (e.g. after an RL update); running requests continue with them."""
-        self.params = _decode_layout(params)
+        self.params = _decode_layout(self.model, params)
         self._last_prefill = None
 
     # ---- validation and submission ----------------------------------------------------------
@@ -357,6 +358,7 @@ class Engine:
                 min_p=np.float32(req.min_p),
             )
             self.state = slots.insert(
+                self.model,
                 self.state,
                 row,
                 logits,

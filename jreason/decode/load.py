@@ -21,16 +21,27 @@ def load_engine(
     max_len: int | None = None,
     param_dtype: str | None = None,
     dtype: str | None = None,
+    recurrence: int | None = None,
+    exit_threshold: float | None = None,
 ):
-    """(Engine, tokenizer) for a Hugging Face or jreason model directory with its tokenizer."""
-    from jreason.model.store import load_model
-    from jreason.model.transformer import abstract_model
+    """(Engine, tokenizer) for a Hugging Face or jreason model directory with its tokenizer.
+
+    `recurrence` / `exit_threshold`: test-time depth of a recurrent-depth model (fixed r, or
+    adaptive exit capped at r; RecurrentModel.with_depth); an error for any other model.
+    """
+    from jreason.model.store import abstract, load_model
     from jreason.tokenizer import load_tokenizer
 
     model_path = Path(model_path)
     cfg, params = load_model(model_path, param_dtype=param_dtype, dtype=dtype)
     tokenizer = load_tokenizer(model_path)
-    model, _ = abstract_model(cfg)
+    model, _, _ = abstract(cfg)
+    if hasattr(model, "with_depth"):
+        model = model.with_depth(recurrence, exit_threshold)
+    elif recurrence is not None or exit_threshold is not None:
+        raise ValueError(
+            f"--recurrence / --exit-threshold: {model_path} is not a recurrent-depth model"
+        )
     engine = Engine(
         model,
         params,

@@ -18,15 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jreason.decode.sampling import SamplingArrays, sample
-from jreason.model.kv_cache import init_cache
-from jreason.model.transformer import unstack_layers
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5))
 def _generate(model, params, tokens_bp, lengths_b, sampling, max_new_tokens, stop_ids, key):
     B, P = tokens_bp.shape
-    params = unstack_layers(params)  # one copy per call, outside the loop (transformer.py)
-    cache = init_cache(model.cfg, B, P + max_new_tokens)
+    params = model.decode_params(params)  # one copy per call, outside the loop (transformer.py)
+    cache = model.init_cache(B, P + max_new_tokens)
     positions_bp = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
     logits_bpv, cache = model.apply(params, tokens_bp, positions_bp, cache)
     last_bv = jnp.take_along_axis(logits_bpv, (lengths_b - 1)[:, None, None], axis=1)[:, 0]
@@ -53,8 +51,9 @@ def _generate(model, params, tokens_bp, lengths_b, sampling, max_new_tokens, sto
         return t + 1, logits_b1v[:, 0], out_bn, logp_bn, done_b, n_b, cache, key
 
     carry = (0, last_bv, out_bn, logp_bn, done_b, n_b, cache, key)
-    _, _, out_bn, logp_bn, _, n_b, _, _ = jax.lax.while_loop(cond, body, carry)
-    return out_bn, logp_bn, n_b
+    _, _, out_bn, logp_bn, _, n_b, cache, _ = jax.lax.while_loop(cond, body, carry)
+    # a recurrent-depth model's cache records the core iterations each position ran
+    return out_bn, logp_bn, n_b, cache.get("steps") if isinstance(cache, dict) else None
 
 
 def generate(
@@ -71,7 +70,8 @@ def generate(
     pad_id: int = 0,
     bucket: int = 64,
 ) -> list[dict]:
-    """Generates for each prompt; returns [{"tokens": [...], "logprobs": [...]}] (stop token kept)."""
+    """Generates for each prompt; returns [{"tokens": [...], "logprobs": [...]}] (stop token kept),
+    plus "mean_steps" (core iterations per generated token) for a recurrent-depth model."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
     B = len(prompts)
@@ -82,7 +82,7 @@ def generate(
     lengths = np.array([len(p) for p in prompts], np.int32)
     sampling = SamplingArrays.fill(B, temperature, top_k, top_p)
     stop = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
-    out, logp, n = _generate(
+    out, logp, n, steps = _generate(
         model,
         params,
         jnp.asarray(tokens),
@@ -93,6 +93,12 @@ def generate(
         jax.random.key(seed),
     )
     out, logp, n = np.asarray(out), np.asarray(logp), np.asarray(n)
-    return [
+    rows = [
         {"tokens": out[b, : n[b]].tolist(), "logprobs": logp[b, : n[b]].tolist()} for b in range(B)
     ]
+    if steps is not None:  # token i came from the logits at position len(prompt) - 1 + i
+        steps = np.asarray(steps)
+        for b, row in enumerate(rows):
+            start = lengths[b] - 1
+            row["mean_steps"] = float(steps[b, start : start + n[b]].mean())
+    return rows

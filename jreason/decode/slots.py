@@ -36,7 +36,6 @@ import jax
 import jax.numpy as jnp
 
 from jreason.decode.sampling import SamplingArrays, sample
-from jreason.model.kv_cache import cache_len, init_cache
 from jreason.model.transformer import Model
 
 
@@ -44,7 +43,7 @@ from jreason.model.transformer import Model
 class DecodeState:
     """Everything the device needs about the B slots; a pytree, donated to every step."""
 
-    cache: list  # L x {"k", "v"}: (B, S, K, H)
+    cache: list  # the model's cache pytree; slot b is index b of each array's batch axis
     logits_bv: jax.Array  # (B, V) float32: logits of the token each slot samples next
     pos_b: jax.Array  # (B,) int32: position the next sampled token is fed at
     n_b: jax.Array  # (B,) int32: tokens sampled so far (the PRNG token index)
@@ -65,7 +64,7 @@ jax.tree_util.register_dataclass(
 def init_state(model: Model, max_slots: int, max_len: int, max_stop_ids: int = 8) -> DecodeState:
     B = max_slots
     return DecodeState(
-        cache=init_cache(model.cfg, B, max_len),
+        cache=model.init_cache(B, max_len),
         logits_bv=jnp.zeros((B, model.cfg.vocab_size), jnp.float32),
         pos_b=jnp.zeros((B,), jnp.int32),
         n_b=jnp.zeros((B,), jnp.int32),
@@ -98,7 +97,7 @@ def prefill(model: Model, params, tokens_1p, length):
     tokens overwrite them before any query can see them.
     """
     P = tokens_1p.shape[1]
-    cache = init_cache(model.cfg, 1, P)
+    cache = model.init_cache(1, P)
     positions_1p = jnp.arange(P, dtype=jnp.int32)[None]
     logits_1pv, cache = model.apply(params, tokens_1p, positions_1p, cache)
     return cache, logits_1pv[0, length - 1]
@@ -108,19 +107,45 @@ def _set(a_b, slot, v):
     return a_b.at[slot].set(v)
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def insert(state: DecodeState, row_cache, logits_v, slot, length, n0, max_tokens, seed, stop_z, sp):
+def _put_row(model, cache, row, slot):
+    """Writes a one-row cache (any length <= S) into row `slot` of the big cache."""
+    return jax.tree.map(
+        lambda big, r, axis: jax.lax.dynamic_update_slice_in_dim(big, r, slot, axis),
+        cache,
+        row,
+        model.cache_batch_axes(cache),
+    )
+
+
+def _get_row(model, cache, slot):
+    return jax.tree.map(
+        lambda big, axis: jax.lax.dynamic_slice_in_dim(big, slot, 1, axis),
+        cache,
+        model.cache_batch_axes(cache),
+    )
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+def insert(
+    model: Model,
+    state: DecodeState,
+    row_cache,
+    logits_v,
+    slot,
+    length,
+    n0,
+    max_tokens,
+    seed,
+    stop_z,
+    sp,
+):
     """Puts a prefilled context into `slot` (traced: one compilation per prefill bucket).
 
     n0 is the request's sampled-token count so far (non-zero after a Markovian reset), so its
     PRNG stream continues; the segment ends when the count reaches max_tokens.
     """
-
-    def put_row(big_bskh, row_1pkh):
-        return jax.lax.dynamic_update_slice(big_bskh, row_1pkh, (slot, 0, 0, 0))
-
     return DecodeState(
-        cache=jax.tree.map(put_row, state.cache, row_cache),
+        cache=_put_row(model, state.cache, row_cache, slot),
         logits_bv=_set(state.logits_bv, slot, logits_v),
         pos_b=_set(state.pos_b, slot, length),
         n_b=_set(state.n_b, slot, n0),
@@ -137,15 +162,12 @@ def extend(model: Model, params, state: DecodeState, slot, tokens_1t, start, n, 
     """Feeds n forced tokens (right-padded to a bucket T) into `slot` at positions start.. and
     re-arms the slot: its next token is sampled from the logits after the last forced one."""
     T = tokens_1t.shape[1]
-    row = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=0), state.cache)
+    row = _get_row(model, state.cache, slot)
     positions_1t = start + jnp.arange(T, dtype=jnp.int32)[None]
     logits_1tv, row = model.apply(params, tokens_1t, positions_1t, row)
-    cache = jax.tree.map(
-        lambda big, r: jax.lax.dynamic_update_slice(big, r, (slot, 0, 0, 0)), state.cache, row
-    )
     return dataclasses.replace(
         state,
-        cache=cache,
+        cache=_put_row(model, state.cache, row, slot),
         logits_bv=_set(state.logits_bv, slot, logits_1tv[0, n - 1]),
         pos_b=_set(state.pos_b, slot, start + n),
         max_tokens_b=_set(state.max_tokens_b, slot, max_tokens),
@@ -172,7 +194,7 @@ def release(state: DecodeState, slot) -> DecodeState:
 
 def _generate_one(model: Model, params, state: DecodeState):
     """One token per slot: (state, tokens (B,), logprobs (B,), done (B,), was_active (B,))."""
-    max_len = cache_len(state.cache)
+    max_len = model.cache_len(state.cache)
     keys_b = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(
         state.seed_b, state.n_b
     )

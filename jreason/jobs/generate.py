@@ -13,6 +13,11 @@ Bad input never stops the job: an invalid line, or a prompt that does not fit th
 
 The engine is fed from a bounded window (a few times the slot count) so memory does not grow
 with the input size, and a tqdm bar shows done/total, generated tokens/s and the ETA.
+
+With `soft_thinking` the engine is bypassed: batches of `max_slots` prompts go through
+`decode/soft.py` (Soft Thinking needs input embeddings, which the slot engine does not feed),
+using the engine only for its model and params. `max_thinking_tokens` is then the soft-step
+budget; Markovian chunks, s1 forcing, answer budgets and stop strings are refused.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import time
 import zlib
 from collections.abc import Iterator
 
+from jreason.decode import soft
 from jreason.decode.budget import ThinkingBudget
 from jreason.decode.engine import Engine, Request, Result
 from jreason.decode.markovian import MarkovianConfig
@@ -58,6 +64,15 @@ class GenerateOptions:
     max_slots: int = 16
     max_len: int | None = None
     logprobs: bool = False  # also write token ids and their logprobs
+    # Soft Thinking (decode/soft.py): concept tokens while thinking; the sampling fields above
+    # then apply to the answer only
+    soft_thinking: bool = False
+    soft_top_k: int = 15
+    soft_top_p: float = 0.95
+    soft_min_p: float = 0.0
+    soft_temperature: float = 0.6
+    cold_stop_entropy: float | None = None  # None: Cold Stop off
+    cold_stop_steps: int = 256
 
     def __post_init__(self):
         if self.n < 1:
@@ -66,6 +81,26 @@ class GenerateOptions:
             raise ValueError(f"max_tokens={self.max_tokens} must be >= 1")
         if self.max_slots < 1:
             raise ValueError(f"max_slots={self.max_slots} must be >= 1")
+        if self.soft_thinking:
+            for name, off in (
+                ("chunk_size", None),
+                ("min_thinking_tokens", 0),
+                ("max_answer_tokens", None),
+                ("answer_prefix", ""),
+                ("stop", ()),
+            ):
+                if getattr(self, name) != off:
+                    raise ValueError(f"{name} is not supported with soft_thinking")
+            for name, ok, allowed in (
+                ("soft_top_k", self.soft_top_k >= 1, ">= 1"),
+                ("soft_top_p", 0 < self.soft_top_p <= 1, "in (0, 1]"),
+                ("soft_min_p", 0 <= self.soft_min_p <= 1, "in [0, 1]"),
+                ("soft_temperature", self.soft_temperature >= 0, ">= 0"),
+                ("cold_stop_entropy", (self.cold_stop_entropy or 0) >= 0, ">= 0"),
+                ("cold_stop_steps", self.cold_stop_steps >= 1, ">= 1"),
+            ):
+                if not ok:
+                    raise ValueError(f"{name}={getattr(self, name)} must be {allowed}")
 
     @property
     def uses_thinking_budget(self) -> bool:
@@ -188,6 +223,8 @@ def run_generate(
     "generated_tokens", "seconds"}."""
     from tqdm import tqdm
 
+    if opts.soft_thinking:
+        return run_generate_soft(engine, tokenizer, input_path, output_path, opts, progress)
     policies = make_policies(opts, tokenizer)
     total = sum(1 for _ in read_requests(input_path, opts.n))
     stats = {"total": total, "skipped": 0, "written": 0, "errors": 0, "generated_tokens": 0}
@@ -231,6 +268,104 @@ def run_generate(
                 stats["generated_tokens"] += len(result.tokens)
                 elapsed = time.perf_counter() - t0
                 bar.set_postfix(tok_s=f"{stats['generated_tokens'] / elapsed:,.0f}")
+        bar.close()
+    stats["seconds"] = time.perf_counter() - t0
+    return stats
+
+
+def run_generate_soft(
+    engine: Engine, tokenizer, input_path, output_path, opts: GenerateOptions, progress=True
+) -> dict:
+    """`run_generate` with Soft Thinking: fixed batches of `engine.max_slots` prompts through
+    soft.generate (a short last batch is padded with copies, so one compilation serves all);
+    rows as `result_row` writes them plus `soft_steps`, `end_reason` and `cold_stop`."""
+    from tqdm import tqdm
+
+    if tokenizer.think_close_id is None:
+        raise ValueError(
+            f"soft thinking needs {tokenizer.think_close!r} to be a single token in this tokenizer"
+        )
+    stop_ids = sorted(tokenizer.stop_ids - {tokenizer.think_close_id})
+    total = sum(1 for _ in read_requests(input_path, opts.n))
+    stats = {"total": total, "skipped": 0, "written": 0, "errors": 0, "generated_tokens": 0}
+    t0 = time.perf_counter()
+    with ResultWriter(output_path) as out:
+        stats["skipped"] = len(out.done)
+        bar = tqdm(total=total, initial=len(out.done), disable=not progress, unit="req")
+
+        def write(row: dict) -> None:
+            out.write(row)
+            stats["written"] += 1
+            stats["errors"] += "error" in row
+            bar.update(1)
+
+        def flush(batch: list[tuple[PromptRecord, list[int]]]) -> None:
+            pad = engine.max_slots - len(batch)
+            prompts = [ids for _, ids in batch] + [batch[0][1]] * pad
+            seeds = [sample_seed(opts.seed, r.id, r.sample) for r, _ in batch] + [0] * pad
+            outs = soft.generate(
+                engine.model,
+                engine.params,
+                prompts,
+                think_end_id=tokenizer.think_close_id,
+                max_new_tokens=opts.max_tokens,
+                top_k=opts.soft_top_k,
+                top_p=opts.soft_top_p,
+                min_p=opts.soft_min_p,
+                temperature=opts.soft_temperature,
+                cold_stop_entropy=opts.cold_stop_entropy,
+                cold_stop_steps=opts.cold_stop_steps,
+                max_thinking_tokens=opts.max_thinking_tokens,
+                thinking=opts.enable_thinking,
+                stop_ids=stop_ids,
+                answer_temperature=opts.temperature,
+                answer_top_k=opts.top_k,
+                answer_top_p=opts.top_p,
+                answer_min_p=opts.min_p,
+                seed=seeds,
+                pad_id=tokenizer.pad_id or 0,
+            )
+            for (record, ids), o in zip(batch, outs):
+                tokens = o["tokens"]
+                result = Result(
+                    tokens=tokens,
+                    logprobs=[float("nan")] * len(tokens),  # soft.generate keeps no logprobs
+                    finish_reason=o["finish_reason"],
+                    prompt_len=len(ids),
+                    chunks=[],
+                    thinking_tokens=o["thinking_tokens"],
+                    peak_context=len(ids) + len(tokens),
+                )
+                row = result_row(record, result, tokenizer, opts)
+                row.update(
+                    soft_steps=o["soft_steps"], end_reason=o["end_reason"], cold_stop=o["cold_stop"]
+                )
+                write(row)
+                stats["generated_tokens"] += len(tokens)
+            batch.clear()
+
+        batch: list[tuple[PromptRecord, list[int]]] = []
+        for item in _pending(input_path, opts.n, out.done):
+            if isinstance(item, InputError):
+                write(error_row(item, item.message))
+                continue
+            try:
+                ids = prompt_ids(item, tokenizer, opts)
+            except ValueError as e:
+                write(error_row(item, f"line {item.line_no}: {e}"))
+                continue
+            if not ids or len(ids) + opts.max_tokens > engine.max_len:
+                message = (
+                    f"prompt of {len(ids)} tokens + max_tokens={opts.max_tokens} does not fit "
+                    f"max_len={engine.max_len}"
+                )
+                write(error_row(item, f"line {item.line_no}: {message}"))
+                continue
+            batch.append((item, ids))
+            if len(batch) == engine.max_slots:
+                flush(batch)
+        if batch:
+            flush(batch)
         bar.close()
     stats["seconds"] = time.perf_counter() - t0
     return stats

@@ -69,6 +69,9 @@ class ModelConfig:
     # MaxText's scan_layers) or a Python loop (longer compiles, no stacked residual buffers:
     # ~10% faster steps for small models on CPU). Same math either way.
     scan_layers: bool = True
+    # Training losses compute the output distribution this many positions at a time and never
+    # hold the full (B, T, V) fp32 logits (model/vocab_head.py); 0 = all at once.
+    logits_chunk: int = 0
     # Token ids recorded for export to config.json / generation_config.json.
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -87,6 +90,8 @@ class ModelConfig:
                 f"n_kv_heads: n_heads={self.n_heads} must be a multiple of "
                 f"n_kv_heads={self.n_kv_heads}"
             )
+        if self.logits_chunk < 0:
+            raise config_lib.ConfigError(f"logits_chunk: must be >= 0, got {self.logits_chunk}")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
             if getattr(self, name) < 1:
                 raise config_lib.ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")

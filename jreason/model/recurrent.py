@@ -50,9 +50,13 @@ devices: one r per microbatch, as the SPMD while loop needs. A preset YAML marke
 `family: recurrent` (configs/models/tiny-recurrent.yaml) is what the SFT trainer builds this
 model from (train/setup.py).
 
+Decoding. The engine (decode/slots.py) and the sampler drive any model through `init_cache`,
+`cache_len`, `cache_batch_axes` and `decode_params`; `with_depth(r, exit_threshold)` fixes how
+deep their cached calls go (fixed r, or adaptive with r as the cap). The cache's `steps` array
+records the iterations each position ran, so a caller can report adaptive depth's saving.
+
 Left out: the paper's other exit rules and state inits (zeros, "like-init"), noise injection,
-continuous-CoT KV sharing, and decode-engine integration (the engine expects transformer
-params).
+continuous-CoT KV sharing.
 """
 
 from __future__ import annotations
@@ -341,7 +345,14 @@ class RecurrentDecoder(nnx.Module):
             threshold=threshold,
         )
         logits_btv, coda_cache = self.decode(s_btd, positions_bt, mask_bts, rope, cache["coda"])
-        new_cache = {"prelude": prelude_cache, "core": core_cache, "coda": coda_cache}
+        rows_b1 = jnp.arange(positions_bt.shape[0])[:, None]
+        steps_bs = cache["steps"].at[rows_b1, positions_bt].set(steps_bt, mode="drop")
+        new_cache = {
+            "prelude": prelude_cache,
+            "core": core_cache,
+            "coda": coda_cache,
+            "steps": steps_bs,
+        }
         return logits_btv, new_cache, steps_bt
 
     def _cached_recurrence(
@@ -445,10 +456,47 @@ def truncated_recurrence(core: Core, s_btd, e_btd, positions_bt, mask_bts, rope,
 
 @dataclasses.dataclass(frozen=True)
 class RecurrentModel:
-    """The static half of a split RecurrentDecoder; `apply` takes the params as a plain pytree."""
+    """The static half of a split RecurrentDecoder; `apply` takes the params as a plain pytree.
+
+    `decode_steps` / `exit_threshold` set the depth of cached calls that do not pass num_steps,
+    which is how the decode engine runs it (`with_depth`): fixed r, or adaptive exit when a
+    threshold is set. The engine needs nothing else beyond the cache methods below.
+    """
 
     cfg: RecurrentConfig
     graphdef: Any
+    decode_steps: int | None = None  # None: cfg.mean_recurrence
+    exit_threshold: float | None = None  # set: adaptive exit, up to decode_steps
+
+    def with_depth(self, steps: int | None = None, exit_threshold: float | None = None):
+        """This model decoding at `steps` core iterations (<= max_recurrence), or adaptively
+        (KL between successive iterates < exit_threshold) with `steps` as the cap."""
+        steps = steps if steps is not None else self.cfg.mean_recurrence
+        if not 1 <= steps <= self.cfg.max_recurrence:
+            raise ValueError(
+                f"recurrence: {steps} is outside [1, max_recurrence={self.cfg.max_recurrence}]"
+            )
+        if exit_threshold is not None and exit_threshold < 0:
+            raise ValueError(f"exit_threshold: must be >= 0, got {exit_threshold}")
+        return dataclasses.replace(self, decode_steps=steps, exit_threshold=exit_threshold)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None):
+        return init_recurrent_cache(self.cfg, batch, max_len, dtype)
+
+    @staticmethod
+    def cache_len(cache) -> int:
+        return kv_cache.cache_len(cache["prelude"])
+
+    @staticmethod
+    def cache_batch_axes(cache):
+        """Slot axis of each cache array: 1 under the core's leading iteration axis, else 0."""
+        axes = jax.tree.map(lambda _: 0, cache)
+        axes["core"] = jax.tree.map(lambda _: 1, cache["core"])
+        return axes
+
+    @staticmethod
+    def decode_params(params):
+        return params  # the sections' layers run from their stacks (_run's unrolled path)
 
     def module(self, params) -> RecurrentDecoder:
         return nnx.merge(self.graphdef, params)
@@ -472,6 +520,13 @@ class RecurrentModel:
         uint32 key data); default a fixed key(0), so inference is deterministic.
         backprop_depth: k for the cache-free (training) forward; default cfg.backprop_depth.
         """
+        if num_steps is None:
+            if self.exit_threshold is not None and cache is not None:
+                return self.apply_adaptive(
+                    params, tokens_bt, positions_bt, cache, key=key,
+                    max_steps=self.decode_steps, threshold=self.exit_threshold,
+                )[:2]  # fmt: skip
+            num_steps = self.decode_steps
         num_steps = self.cfg.mean_recurrence if num_steps is None else num_steps
         if isinstance(num_steps, int) and cache is not None:
             _check_steps(num_steps, cache)
@@ -511,9 +566,6 @@ class RecurrentModel:
             threshold=jnp.asarray(threshold, jnp.float32),
         )
 
-    def init_cache(self, batch: int, max_len: int, dtype=None):
-        return init_recurrent_cache(self.cfg, batch, max_len, dtype)
-
 
 def _iterations(cache) -> int:
     return jax.tree.leaves(cache["core"])[0].shape[0]
@@ -528,7 +580,9 @@ def _check_steps(n: int, cache) -> None:
 
 
 def init_recurrent_cache(cfg: RecurrentConfig, batch: int, max_len: int, dtype=None) -> dict:
-    """Zeros: prelude / coda as kv_cache.init_cache, core with a leading (max_recurrence) axis."""
+    """Zeros: prelude / coda as kv_cache.init_cache, core with a leading (max_recurrence) axis,
+    and `steps` (B, S) int32: the core iterations each cached position ran (adaptive depth's
+    cost, per token, for whoever reads the cache back)."""
 
     def section(n):
         return kv_cache.init_cache(cfg.block_config(n), batch, max_len, dtype)
@@ -538,7 +592,12 @@ def init_recurrent_cache(cfg: RecurrentConfig, batch: int, max_len: int, dtype=N
         {name: jnp.zeros((R, *a.shape), a.dtype) for name, a in layer.items()}
         for layer in section(cfg.n_core)
     ]
-    return {"prelude": section(cfg.n_prelude), "core": core, "coda": section(cfg.n_coda)}
+    return {
+        "prelude": section(cfg.n_prelude),
+        "core": core,
+        "coda": section(cfg.n_coda),
+        "steps": jnp.zeros((batch, max_len), jnp.int32),
+    }
 
 
 def cache_axes(cache: dict) -> dict:
@@ -547,6 +606,7 @@ def cache_axes(cache: dict) -> dict:
         "prelude": kv_cache.cache_axes(cache["prelude"]),
         "core": [{n: (None, *kv_cache.CACHE_AXES[n]) for n in layer} for layer in cache["core"]],
         "coda": kv_cache.cache_axes(cache["coda"]),
+        "steps": ("batch", "cache_seq"),
     }
 
 

@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 
 from jreason import config as config_lib
 from jreason.atomic import atomic_dir
-from jreason.model.config import ModelConfig
+from jreason.model.config import ModelConfig, preset_family
 from jreason.model.hf import copy_tokenizer_files, load_hf
 
 MODEL_YAML = "model.yaml"
@@ -54,23 +54,40 @@ def save_model(
     return Path(path).absolute()
 
 
-def load_config_file(path: str | Path) -> ModelConfig:
-    return config_lib.load(ModelConfig, Path(path) / MODEL_YAML)
+def load_config_file(path: str | Path):
+    """The directory's ModelConfig, or RecurrentConfig when its model.yaml says
+    `family: recurrent` (a recurrent-depth model has no Hugging Face form, only this one)."""
+    from jreason.model import recurrent
+
+    file = Path(path) / MODEL_YAML
+    if preset_family(file) == "recurrent":
+        return recurrent.load_recurrent_config(file)
+    return config_lib.load(ModelConfig, file)
+
+
+def abstract(cfg):
+    """(model, param shapes, logical param axes) for either kind of config."""
+    from jreason.model import recurrent, transformer
+
+    if isinstance(cfg, recurrent.RecurrentConfig):
+        model, shapes = recurrent.abstract_recurrent(cfg)
+        return model, shapes, recurrent.param_axes(cfg)
+    model, shapes = transformer.abstract_model(cfg)
+    return model, shapes, transformer.param_axes(cfg)
 
 
 def load_jreason(path: str | Path, mesh=None, **cfg_overrides) -> tuple[ModelConfig, dict]:
     from jreason import sharding
-    from jreason.model.transformer import abstract_model, param_axes
 
     path = Path(path).absolute()
     saved = load_config_file(path)
     cfg = saved.replace(**{k: v for k, v in cfg_overrides.items() if v is not None})
-    _, shapes = abstract_model(cfg)
+    _, shapes, axes = abstract(cfg)
     if mesh is None:
         device = jax.local_devices()[0]
         shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(device), shapes)
     else:
-        shardings = sharding.param_shardings(param_axes(cfg), mesh, shapes)
+        shardings = sharding.param_shardings(axes, mesh, shapes)
     target = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
     )

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jreason.model import kv_cache
+from jreason.model import kv_cache, vocab_head
 from jreason.model.attention import attention, cached_attention, make_mask
 from jreason.model.config import ModelConfig
 from jreason.model.layers import MLP, RMSNorm, apply_rope, dense, param, rope_frequencies
@@ -207,12 +207,13 @@ class Decoder(nnx.Module):
     def embed_tokens(self, tokens_bt):
         return jnp.take(self.embed[...], tokens_bt, axis=0).astype(self.cfg.dtype)
 
+    def head_weight(self):
+        """The output projection (D, V): the embedding's transpose when tied."""
+        return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+
     def logits(self, h_btd):
         """Final-norm'd hidden states -> float32 logits."""
-        if self.cfg.tie_embeddings:
-            w_dv = self.embed[...].astype(h_btd.dtype).T
-        else:
-            w_dv = self.lm_head[...].astype(h_btd.dtype)
+        w_dv = self.head_weight().astype(h_btd.dtype)
         return dense(h_btd, w_dv, preferred_element_type=jnp.float32)  # BTD,DV->BTV
 
     def __call__(
@@ -224,8 +225,12 @@ class Decoder(nnx.Module):
         *,
         inputs_embeds_btd=None,
         return_hidden: bool = False,
+        head: bool = True,
         layer_params=None,
     ):
+        """(logits_btv, cache); `return_hidden` adds the final-norm'd h_btd; `head=False`
+        returns (h_btd, cache) instead, for losses that apply the head chunk by chunk
+        (vocab_head.py)."""
         cfg = self.cfg
         x_btd = self.embed_tokens(tokens_bt) if inputs_embeds_btd is None else inputs_embeds_btd
         x_btd = x_btd.astype(cfg.dtype)
@@ -257,6 +262,8 @@ class Decoder(nnx.Module):
             )
             cache = cache if cache[0] is not None else None
         h_btd = self.final_norm(x_btd)
+        if not head:
+            return h_btd, cache
         logits_btv = self.logits(h_btd)
         if return_hidden:
             return logits_btv, cache, h_btd
@@ -280,6 +287,36 @@ class Model:
             kw["layer_params"] = params["layers"]
             params = {**params, "layers": params["layers"][0]}
         return self.module(params)(tokens_bt, positions_bt, cache, segment_ids_bt, **kw)
+
+    # -- what the decode engine needs of a model (RecurrentModel has the same methods) ---------
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> list[dict]:
+        return kv_cache.init_cache(self.cfg, batch, max_len, dtype)
+
+    @staticmethod
+    def cache_len(cache) -> int:
+        return kv_cache.cache_len(cache)
+
+    @staticmethod
+    def cache_batch_axes(cache):
+        """The batch (slot) axis of every cache array: 0 throughout."""
+        return jax.tree.map(lambda _: 0, cache)
+
+    @staticmethod
+    def decode_params(params):
+        """The layout the cached forward reads fastest (per-layer weights; see unstack_layers)."""
+        return unstack_layers(params)
+
+    def head_weight(self, params):
+        """The (D, V) output projection of `params` (either layout)."""
+        return params["embed"].T if self.cfg.tie_embeddings else params["lm_head"]
+
+    def token_stats(self, params, tokens_bt, positions_bt, segment_ids_bt, targets_bt, **kw):
+        """Training forward -> vocab_head.token_stats of `targets_bt` (chunked by the config's
+        `logits_chunk`, so full logits are never materialized when it is set)."""
+        h_btd, _ = self.apply(params, tokens_bt, positions_bt, None, segment_ids_bt, head=False)
+        w_dv = self.head_weight(params)
+        return vocab_head.token_stats(h_btd, w_dv, targets_bt, chunk=self.cfg.logits_chunk, **kw)
 
 
 def _split(decoder: nnx.Module):

@@ -31,6 +31,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from jreason import distributed
+
 log = logging.getLogger(__name__)
 
 
@@ -101,28 +103,47 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def restore_latest(self, abstract_state) -> tuple[int, dict, dict] | None:
-        """(step, state, data_state) from the newest readable checkpoint, or None."""
+        """(step, state, data_state) from the newest checkpoint every process can read, or None.
+
+        A step that fails on any process is skipped on all of them (`distributed.any_process`),
+        so the processes of a multi-host run never resume from different steps. The per-process
+        data item is read and agreed on first because orbax's state restore ends in a collective
+        sync: a process that failed inside it would leave the others waiting there. (The state
+        item lives on the shared filesystem and fails alike on every process.)
+        """
         for step in reversed(self.steps()):
+            data, error = None, None
             try:
-                out = self.manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state),
-                        data=ProcessJsonRestore(),
-                    ),
-                )
+                data = ProcessJsonHandler().restore(self.directory / str(step) / "data")
             except IncompatibleCheckpoint:
                 raise
             except Exception as e:  # noqa: BLE001 - any failure means: not usable, try older
-                log.warning(
-                    "checkpoint %s is unreadable (%s: %s); trying an earlier one",
-                    self.directory / str(step),
-                    type(e).__name__,
-                    str(e).splitlines()[0][:200] if str(e) else "",
-                )
+                error = e
+            if not self._usable(step, error):
                 continue
-            return step, out["state"], out["data"]
+            try:
+                out = self.manager.restore(
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+                )
+            except Exception as e:  # noqa: BLE001
+                error = e
+            if self._usable(step, error):
+                return step, out["state"], data
         return None
+
+    def _usable(self, step: int, error: Exception | None) -> bool:
+        if not distributed.any_process(error is not None, "restore"):
+            return True
+        why = "unreadable on another process"
+        if error is not None:
+            first = str(error).splitlines()[0][:200] if str(error) else ""
+            why = f"{type(error).__name__}: {first}"
+        log.warning(
+            "checkpoint %s is unreadable (%s); trying an earlier one",
+            self.directory / str(step),
+            why,
+        )
+        return False
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -133,7 +154,8 @@ class Checkpointer:
 
 
 class PreemptionFlag:
-    """Set by SIGTERM (a preemption notice): the loop saves and exits cleanly at the next step."""
+    """Set by SIGTERM (a preemption notice): the loop saves and exits cleanly at the next step
+    that all processes agree on (`agreed`)."""
 
     def __init__(self):
         self.event = threading.Event()
@@ -151,9 +173,16 @@ class PreemptionFlag:
     def __bool__(self) -> bool:
         return self.event.is_set()
 
+    def agreed(self) -> bool:
+        """Whether to save and stop after this step: True on every process as soon as any
+        process got SIGTERM (a preemption notice often reaches one host of a pod), so they all
+        stop at the same step and write one checkpoint together. Call once per step."""
+        return distributed.any_process(self.event.is_set(), "preempt")
+
 
 def export_hf(path: Path, model_cfg, params, tokenizer_dir: Path) -> None:
-    """Writes `params` as a Hugging Face checkpoint at `path` (replacing an older export).
+    """Writes `params` as a Hugging Face checkpoint at `path` (replacing an older export); a
+    recurrent-depth model, which has no HF form, as a jreason model directory (model/store.py).
 
     Params sharded over several processes are not readable by any one of them: every process
     must call this (it takes part in gathering a full host copy), then process 0 writes it.
@@ -162,6 +191,13 @@ def export_hf(path: Path, model_cfg, params, tokenizer_dir: Path) -> None:
 
     from jreason.model.hf import save_hf
 
+    from jreason.model.recurrent import RecurrentConfig
+    from jreason.model.store import save_model
+
     host = multihost_utils.process_allgather(params, tiled=True)
-    if jax.process_index() == 0:
+    if jax.process_index() != 0:
+        return
+    if isinstance(model_cfg, RecurrentConfig):  # no HF form: a jreason model directory
+        save_model(path, model_cfg, host, tokenizer_dir=tokenizer_dir, overwrite=True)
+    else:
         save_hf(path, model_cfg, host, tokenizer_dir=tokenizer_dir, overwrite=True)

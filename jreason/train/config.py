@@ -62,6 +62,9 @@ class MeshConfig:
     data: int = 1
     fsdp: int = -1  # -1 takes the remaining devices
     tensor: int = 1
+    # How many slices (TPU multislice) or hosts (GPU) the data axis spans: fsdp and tensor stay
+    # within one, only data-parallel reductions cross the data-center network. 1 = one slice.
+    dcn_data: int = 1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 
 
 def make_mesh(mesh_cfg):
-    return sharding.make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
+    return sharding.make_mesh(
+        mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, dcn_data=mesh_cfg.dcn_data
+    )
 
 
 def tokenizer_dir(cfg, run_dir: Path) -> Path:

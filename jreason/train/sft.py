@@ -6,9 +6,9 @@
     grain iterator -> jitted step (sharded, donated) -> metrics / checkpoints / eval -> export
 
 A recurrent-depth preset (`family: recurrent`, model/recurrent.py) trains with
-`recurrent_cross_entropy`, the step's per-microbatch key choosing each step's depth; its greedy
-eval and HF export are skipped with a warning (the sampler runs transformer params only, and
-the model has no HF format).
+`recurrent_cross_entropy`, the step's per-microbatch key choosing each step's depth; it is
+evaluated at its mean depth and `export.hf` writes it as a jreason model directory (it has no
+HF format), which `jreason eval --recurrence R` loads.
 
 Resuming is automatic: if `run_dir/checkpoints` holds a readable checkpoint, state and data
 position are restored from it and the run continues as if never interrupted (the exactness test
@@ -30,7 +30,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jreason import config as config_lib
 from jreason import distributed
@@ -56,12 +55,16 @@ log = logging.getLogger(__name__)
 
 
 def cross_entropy_loss(model, params, mb):
-    """Sum of next-token cross-entropy over loss-mask tokens (prompt and padding excluded)."""
-    logits_btv, _ = model.apply(params, mb["inputs"], mb["positions"], None, mb["segment_ids"])
-    ce_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv, mb["targets"])
+    """Sum of next-token cross-entropy over loss-mask tokens (prompt and padding excluded).
+
+    With `model.logits_chunk` set, the logits are computed chunk by chunk (model/vocab_head.py).
+    """
+    stats = model.token_stats(
+        params, mb["inputs"], mb["positions"], mb["segment_ids"], mb["targets"]
+    )
     mask_bt = mb["loss_mask"]
-    correct_bt = (jnp.argmax(logits_btv, axis=-1) == mb["targets"]) * mask_bt
-    return (ce_bt * mask_bt).sum(), {"n_tokens": mask_bt.sum(), "accuracy": correct_bt.sum()}
+    ce_sum = -(stats["logp"] * mask_bt).sum()
+    return ce_sum, {"n_tokens": mask_bt.sum(), "accuracy": (stats["correct"] * mask_bt).sum()}
 
 
 # recurrent_cross_entropy: the same loss at a depth sampled per step (model/recurrent.py)
@@ -94,14 +97,9 @@ def train(cfg: TrainConfig) -> dict:
         config_lib.save(cfg, run_dir / "config.yaml")
         config_lib.save(model_cfg, run_dir / "model.yaml")
     recurrent = is_recurrent(model_cfg)
-    if recurrent and is_main and cfg.eval.num_examples > 0:
-        log.warning(
-            "eval: skipped for a recurrent-depth model: the greedy sampler (decode/sampler.py) "
-            "runs transformer params only"
-        )
 
     def run_eval(params) -> dict:
-        return {} if recurrent else evaluate(cfg, model, params, tokenizer)
+        return evaluate(cfg, model, params, tokenizer)
 
     data_iter = pipeline.build_iterator(
         cfg.data, tokenizer, process_index=jax.process_index(), process_count=jax.process_count()
@@ -172,7 +170,7 @@ def train(cfg: TrainConfig) -> dict:
                 logger.log(step, {f"eval_{k}": v for k, v in last_eval.items()})
             if step % cfg.checkpoint.every == 0 or step == cfg.steps:
                 save(step)
-            if preempt:
+            if preempt.agreed():
                 if step % cfg.checkpoint.every:
                     save(step)
                 log.warning("SIGTERM: saved step %d, exiting", step)
@@ -185,12 +183,9 @@ def train(cfg: TrainConfig) -> dict:
         last_eval = run_eval(state["params"])
         logger.log(final_step, {f"eval_{k}": v for k, v in last_eval.items()})
         report["eval"] = last_eval
-        if cfg.export.hf and recurrent:
-            log.warning("export.hf: skipped: a recurrent-depth model has no Hugging Face format")
-        elif cfg.export.hf:
-            ckpt_lib.export_hf(
-                run_dir / "export-hf", model_cfg, state["params"], tokenizer_dir(cfg, run_dir)
-            )
+        if cfg.export.hf:
+            out = run_dir / ("export" if recurrent else "export-hf")  # a jreason dir / an HF dir
+            ckpt_lib.export_hf(out, model_cfg, state["params"], tokenizer_dir(cfg, run_dir))
     logger.close()
     checkpointer.close()
     if is_main:

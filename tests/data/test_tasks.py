@@ -336,3 +336,45 @@ def test_verifiers_never_raise_on_garbage(text):
     for name, answer in answers.items():
         for completion in (text, f"\\boxed{{{text}}}", f"Answer: {text}"):
             assert get_task(name).score(completion, answer) in (0.0, 1.0)
+
+
+# --- var_chain ------------------------------------------------------------------------------
+
+
+def _resolve(prompt: str) -> tuple[int, int]:
+    """(value, hops) of the asked variable, by following the assignments one at a time."""
+    body, question = prompt.split(". What is ")
+    table = dict(s.split("=") for s in body.removeprefix("Variables: ").split("; "))
+    name, hops = re.match(r"(\w)\?", question).group(1), 0
+    while not table[name].isdigit():
+        name, hops = table[name], hops + 1
+    return int(table[name]), hops
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [{}, {"min_hops": 3, "max_hops": 3, "distractors": 0}, {"max_hops": 8, "distractors": 1}],
+)
+def test_var_chain_answer_follows_the_assignments(knobs):
+    task = get_task("var_chain", **knobs)
+    cfg = task.config
+    hops_seen = set()
+    for ex in task.generate(seed=3, n=60):
+        value, hops = _resolve(ex.prompt)
+        assert str(value) == ex.answer
+        assert cfg.min_hops <= hops <= cfg.max_hops
+        hops_seen.add(hops)
+        # every chain has its own value: the distractors' numbers are all different
+        numbers = re.findall(r"=(\d)", ex.prompt)
+        assert len(numbers) == cfg.distractors + 1 == len(set(numbers))
+        assert ex.reasoning == ""  # show_work false: the answer needs the hops done silently
+    assert hops_seen == set(range(cfg.min_hops, cfg.max_hops + 1))
+    shown = next(get_task("var_chain", show_work=True).generate(seed=0, n=1))
+    assert shown.reasoning.endswith(f"={shown.answer}")
+
+
+def test_var_chain_knobs_are_checked():
+    with pytest.raises(ValueError, match="max_hops must be >= 3"):
+        get_task("var_chain", min_hops=3, max_hops=2)
+    with pytest.raises(ValueError, match="more than the 26 letters"):
+        get_task("var_chain", max_hops=12, distractors=2)

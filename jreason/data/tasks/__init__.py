@@ -15,9 +15,17 @@ from jreason.config import ConfigError, from_dict
 from jreason.data.tasks.arithmetic import ArithmeticConfig, ArithmeticTask
 from jreason.data.tasks.base import Example, Task
 from jreason.data.tasks.countdown import CountdownConfig, CountdownTask
+from jreason.data.tasks.prosqa import ProsQAConfig, ProsQATask
 from jreason.data.tasks.running_sum import RunningSumConfig, RunningSumTask
+from jreason.data.tasks.var_chain import VarChainConfig, VarChainTask
 
-_ALL: tuple[type[Task], ...] = (ArithmeticTask, CountdownTask, RunningSumTask)
+_ALL: tuple[type[Task], ...] = (
+    ArithmeticTask,
+    CountdownTask,
+    ProsQATask,
+    RunningSumTask,
+    VarChainTask,
+)
 TASKS: dict[str, type[Task]] = {cls.name: cls for cls in _ALL}
 
 
@@ -47,8 +55,12 @@ __all__ = [
     "CountdownConfig",
     "CountdownTask",
     "Example",
+    "ProsQAConfig",
+    "ProsQATask",
     "RunningSumConfig",
     "RunningSumTask",
     "Task",
+    "VarChainConfig",
+    "VarChainTask",
     "get_task",
 ]

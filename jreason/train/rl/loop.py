@@ -324,7 +324,7 @@ def train_rl(cfg: RLConfig) -> dict:
                 logger.log(step, {f"eval_{k}": v for k, v in ev.items()})
             if step % cfg.checkpoint.every == 0 or step == cfg.steps:
                 save(step)
-            if preempt:
+            if preempt.agreed():
                 if step % cfg.checkpoint.every:
                     save(step)
                 log.warning("SIGTERM: saved step %d, exiting", step)

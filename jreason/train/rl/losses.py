@@ -82,17 +82,17 @@ _MAX_LOG_RATIO = 20.0
 
 
 def token_logprobs(model, params, inputs, positions, segment_ids, targets, temperature=1.0):
-    """(logp_bt, entropy_bt) of `targets` under the model, fp32 log_softmax over the vocab.
+    """(logp_bt, entropy_bt) of `targets` under the model, fp32 log_softmax over the vocab
+    (chunked over the sequence when the model's `logits_chunk` is set).
 
     `temperature` must be the one the engine sampled with: its logprobs are those of the
     temperature-scaled distribution (decode/sampling.py), which is the policy being trained.
-    A float, or an array broadcastable to (B, T, 1) for per-row temperatures.
+    A float, or per-row temperatures of shape (B,) or (B, 1, 1).
     """
-    logits_btv, _ = model.apply(params, inputs, positions, None, segment_ids)
-    logp_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32) / temperature, axis=-1)
-    logp_bt = jnp.take_along_axis(logp_btv, targets[..., None], axis=-1)[..., 0]
-    entropy_bt = -jnp.sum(jnp.exp(logp_btv) * logp_btv, axis=-1)
-    return logp_bt, entropy_bt
+    stats = model.token_stats(
+        params, inputs, positions, segment_ids, targets, temperature=temperature, entropy=True
+    )
+    return stats["logp"], stats["entropy"]
 
 
 def _kl(logp_bt, ref_bt, estimator: str):

@@ -14,6 +14,7 @@ from jreason.decode.engine import Engine, Request
 from jreason.decode.markovian import MarkovianConfig
 from jreason.model import load_config
 from jreason.model.transformer import abstract_model
+from jreason.model import vocab_head
 from jreason.train.rl.losses import aggregation_weights, make_loss, token_logprobs
 from jreason.train.step import make_train_step
 
@@ -26,6 +27,9 @@ class Bigram:
 
     def apply(self, params, inputs, positions, cache=None, segment_ids=None):
         return params["table"][inputs], None
+
+    def token_stats(self, params, inputs, positions, segment_ids, targets, **kw):
+        return vocab_head.logit_stats(self.apply(params, inputs, positions)[0], targets, **kw)
 
 
 def _hand_batch(aggregation, **agg_kw):
