@@ -190,7 +190,6 @@ def export_hf(path: Path, model_cfg, params, tokenizer_dir: Path) -> None:
     from jax.experimental import multihost_utils
 
     from jreason.model.hf import save_hf
-
     from jreason.model.recurrent import RecurrentConfig
     from jreason.model.store import save_model
 

@@ -85,8 +85,8 @@ def test_trains_at_a_depth_sampled_per_step(whole):
     # greedy eval ran; the export is a jreason model dir the engine loads at any depth
     assert 0.0 <= report["eval"]["accuracy"] <= 1.0 and report["eval"]["mean_length"] > 0
     assert not (run / "export-hf").exists()
-    from jreason.decode.load import load_engine
     from jreason.decode.engine import Request
+    from jreason.decode.load import load_engine
 
     engine, tok = load_engine(run / "export", max_slots=2, max_len=64, recurrence=5)
     assert (engine.model.decode_steps, engine.model.cfg.n_core) == (5, 1)

@@ -12,9 +12,8 @@ import pytest
 
 from jreason.decode.engine import Engine, Request
 from jreason.decode.markovian import MarkovianConfig
-from jreason.model import load_config
+from jreason.model import load_config, vocab_head
 from jreason.model.transformer import abstract_model
-from jreason.model import vocab_head
 from jreason.train.rl.losses import aggregation_weights, make_loss, token_logprobs
 from jreason.train.step import make_train_step
 
