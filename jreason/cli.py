@@ -274,17 +274,8 @@ def _budget(text: str) -> int | None:
     return value
 
 
-def _knobs(pairs: list[str]) -> dict:
-    from jreason import config as config_lib
-
-    out = {}
-    for pair in pairs:
-        key, value = config_lib.parse_override(pair)
-        out[".".join(key)] = value
-    return out
-
-
 def _cmd_eval(args) -> int:
+    from jreason.config import parse_knobs
     from jreason.decode.load import load_engine
     from jreason.jobs.sweep import run_eval
 
@@ -298,7 +289,7 @@ def _cmd_eval(args) -> int:
         opts,
         input_path=args.input,
         task=args.task,
-        knobs=_knobs(args.knob),
+        knobs=parse_knobs(args.knob),
         num=args.num,
         seed=args.problem_seed,
         budgets=tuple(args.budgets),

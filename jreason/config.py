@@ -139,6 +139,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), yaml.safe_load(raw) if raw != "" else ""
 
 
+def parse_knobs(pairs: list[str]) -> dict:
+    """`key=value` strings (`--knob` flags) -> {dotted key: parsed value}."""
+    out = {}
+    for pair in pairs:
+        key, value = parse_override(pair)
+        out[".".join(key)] = value
+    return out
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Returns a copy of the nested dict `data` with each `key.sub=value` override applied."""
     import copy

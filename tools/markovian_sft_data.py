@@ -125,14 +125,6 @@ def write(records, tokenizer, out: str, meta_extra: dict, thinking: bool = True)
     return meta
 
 
-def _knobs(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs:
-        key, value = config_lib.parse_override(pair)
-        out[".".join(key)] = value
-    return out
-
-
 def main(argv=None):
     from jreason.tokenizer import load_tokenizer
 
@@ -162,7 +154,7 @@ def main(argv=None):
             max_chunks=args.max_chunks,
         )
         tokenizer = load_tokenizer(args.tokenizer)
-        knobs = _knobs(args.knob)
+        knobs = config_lib.parse_knobs(args.knob)
         records = build(
             tokenizer,
             args.task,

@@ -35,21 +35,14 @@ def evaluate(export: Path, cfg, depths, thresholds, n: int) -> list[dict]:
     from jreason.decode import sampler
     from jreason.model.store import abstract, load_model
     from jreason.tokenizer import load_tokenizer
+    from jreason.train.setup import eval_prompts
 
     model_cfg, params = load_model(export)
     model, _, _ = abstract(model_cfg)
     tokenizer = load_tokenizer(export)
     task = get_task(cfg.data.task, **cfg.data.task_knobs)
     examples = pipeline.eval_examples(cfg.data, n)
-    prompts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": ex.prompt}],
-            add_generation_prompt=True,
-            enable_thinking=cfg.data.thinking,
-            tokenize=True,
-        )
-        for ex in examples
-    ]
+    prompts = eval_prompts(cfg, tokenizer, examples)
     runs = [(f"r = {r}", model.with_depth(r)) for r in depths]
     runs += [
         (f"adaptive, KL < {t:g}, r <= {max(depths)}", model.with_depth(max(depths), t))

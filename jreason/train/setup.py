@@ -143,6 +143,19 @@ def param_axes(model_cfg) -> dict:
     return (recurrent if is_recurrent(model_cfg) else transformer).param_axes(model_cfg)
 
 
+def eval_prompts(cfg, tokenizer, examples) -> list[list[int]]:
+    """Each example's prompt as token ids, through the chat template as training saw it."""
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": ex.prompt}],
+            add_generation_prompt=True,
+            enable_thinking=cfg.data.thinking,
+            tokenize=True,
+        )
+        for ex in examples
+    ]
+
+
 def evaluate(cfg, model, params, tokenizer) -> dict:
     """Greedy held-out accuracy: generate for eval examples and score with the task verifier."""
     n = cfg.eval.num_examples
@@ -157,15 +170,7 @@ def evaluate(cfg, model, params, tokenizer) -> dict:
     correct, lengths = 0.0, []
     for i in range(0, n, cfg.eval.batch):
         chunk = examples[i : i + cfg.eval.batch]
-        prompts = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": ex.prompt}],
-                add_generation_prompt=True,
-                enable_thinking=cfg.data.thinking,
-                tokenize=True,
-            )
-            for ex in chunk
-        ]
+        prompts = eval_prompts(cfg, tokenizer, chunk)
         outs = generate(
             model,
             params,
