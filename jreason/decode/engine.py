@@ -148,9 +148,12 @@ class Engine:
         detokenize: Callable[[list[int]], str] | None = None,
         think_end_id: int | None = None,
         steps_per_dispatch: int = 4,
+        prefill_tokens: int = 4096,
     ):
         if steps_per_dispatch < 1:
             raise ValueError(f"steps_per_dispatch={steps_per_dispatch} must be >= 1")
+        if prefill_tokens < 1:
+            raise ValueError(f"prefill_tokens={prefill_tokens} must be >= 1")
         max_len = max_len or model.cfg.max_seq_len
         if max_len > model.cfg.max_seq_len:
             raise ValueError(
@@ -173,14 +176,17 @@ class Engine:
         self.results: dict[int, Result] = {}
         self._inflight = None  # (device outputs, slot snapshot) of the step not yet read back
         self._next_id = 0
-        # the last prefill, (context, (cache row, logits)): n samples of one prompt (RL groups,
-        # `n` in the API) are queued back to back and share it, so the prompt is encoded once
-        self._last_prefill: tuple[tuple[int, ...], tuple] | None = None
+        self.prefill_tokens = prefill_tokens
+        # requests admitted this step, waiting for their prefill + insert (_insert_admitted)
+        self._admitted: list[tuple] = []
+        # the previous step's prefills, {context: ((cache rows, logits), row)}: n samples of
+        # one prompt are queued back to back and share a row even when admitted over two steps
+        self._last_rows: dict[tuple[int, ...], tuple] = {}
 
     def set_params(self, params) -> None:
         """New weights (e.g. after an RL update); running requests continue with them."""
         self.params = _decode_layout(self.model, params)
-        self._last_prefill = None
+        self._last_rows = {}
 
     # ---- validation and submission ----------------------------------------------------------
 
@@ -348,28 +354,8 @@ class Engine:
             break
         stop_z = self._stop_z(run)
         max_tokens = np.int32(run.n_sampled + room)
-        if run.needs_prefill:
-            context = run.chunk.context
-            row, logits = self._prefill(context)
-            sp = SamplingArrays(
-                temperature=np.float32(req.temperature),
-                top_k=np.int32(req.top_k),
-                top_p=np.float32(req.top_p),
-                min_p=np.float32(req.min_p),
-            )
-            self.state = slots.insert(
-                self.model,
-                self.state,
-                row,
-                logits,
-                np.int32(slot),
-                np.int32(len(context)),
-                np.int32(run.n_sampled),
-                max_tokens,
-                np.uint32(req.seed % 2**32),
-                stop_z,
-                sp,
-            )
+        if run.needs_prefill:  # admission: prefilled and inserted with the step's others
+            self._admitted.append((slot, run, max_tokens, stop_z))
             run.needs_prefill = False
         elif run.pending:
             n = len(run.pending)
@@ -392,16 +378,87 @@ class Engine:
         run.pending = []
         return None
 
-    def _prefill(self, context: list[int]):
-        """(cache row, first logits) of `context`, reusing the previous prefill if identical."""
-        key = tuple(context)
-        if self._last_prefill is not None and self._last_prefill[0] == key:
-            return self._last_prefill[1]
-        tokens = np.full((1, self.bucket(len(context))), self.pad_id, np.int32)
-        tokens[0, : len(context)] = context
-        out = slots.prefill(self.model, self.params, tokens, np.int32(len(context)))
-        self._last_prefill = (key, out)
-        return out
+    def _insert_admitted(self) -> None:
+        """Prefills the contexts admitted this step and inserts them, in one `prefill` and one
+        `insert` call per prefill bucket (split so a call holds at most `prefill_tokens`
+        tokens). The n samples of one prompt (RL groups, `n` in the API) share one row, also
+        across steps when the previous step prefilled it (`_last_rows`)."""
+        admitted, self._admitted = self._admitted, []
+        by_bucket: dict[int, dict[tuple[int, ...], list]] = {}
+        for entry in admitted:
+            key = tuple(entry[1].chunk.context)
+            by_bucket.setdefault(self.bucket(len(key)), {}).setdefault(key, []).append(entry)
+        last, self._last_rows = self._last_rows, {}
+        for P, contexts in by_bucket.items():
+            # rows the previous step prefilled, grouped by the call that made them
+            reuse: dict[int, list] = {}
+            fresh = []
+            for key in contexts:
+                if key in last:
+                    reuse.setdefault(id(last[key][0]), []).append(key)
+                else:
+                    fresh.append(key)
+            calls = [(last[keys[0]][0], {k: last[k][1] for k in keys}) for keys in reuse.values()]
+            per_call = max(1, min(self.max_slots, self.prefill_tokens // P))
+            for i in range(0, len(fresh), per_call):
+                keys = fresh[i : i + per_call]
+                calls.append((self._prefill(keys, P), {k: j for j, k in enumerate(keys)}))
+            for rows, index in calls:
+                self._last_rows.update({k: (rows, j) for k, j in index.items()})
+                self._insert(rows, [(index[k], e) for k in index for e in contexts[k]])
+
+    def warmup(self) -> int:
+        """Compiles `prefill` and `insert` for every (rows, bucket) shape admission can use
+        (rows: powers of two up to what one call holds), running each once on padding, so a
+        server's first requests wait for no compilation. Returns how many shapes it ran."""
+        shapes = 0
+        for P in self.buckets:
+            per_call = max(1, min(self.max_slots, self.prefill_tokens // P))
+            for i in range((per_call - 1).bit_length() + 1):
+                self._insert(self._prefill([(self.pad_id,)] * (1 << i), P), [])  # n = 0
+                shapes += 1
+        return shapes
+
+    def _prefill(self, contexts: list[tuple[int, ...]], P: int):
+        """(cache rows, first logits) of contexts padded to bucket P, R rows (a power of two,
+        padded with one-token rows) so that few shapes compile."""
+        R = 1 << (len(contexts) - 1).bit_length()
+        tokens = np.full((R, P), self.pad_id, np.int32)
+        lengths = np.ones((R,), np.int32)
+        for j, context in enumerate(contexts):
+            tokens[j, : len(context)] = context
+            lengths[j] = len(context)
+        return slots.prefill(self.model, self.params, tokens, lengths)
+
+    def _insert(self, rows, entries: list) -> None:
+        """One `insert` of entries [(row index, (slot, run, max_tokens, stop_z))]."""
+        M, n = self.max_slots, len(entries)
+        a = {
+            "src": np.zeros(M, np.int32),
+            "slot": np.full(M, M, np.int32),  # padding: slot index B, dropped
+            "length": np.zeros(M, np.int32),
+            "n0": np.zeros(M, np.int32),
+            "max_tokens": np.zeros(M, np.int32),
+            "seed": np.zeros(M, np.uint32),
+            "stop": np.full((M, self.max_stop_ids), -1, np.int32),
+            "temperature": np.zeros(M, np.float32),
+            "top_k": np.zeros(M, np.int32),
+            "top_p": np.ones(M, np.float32),
+            "min_p": np.zeros(M, np.float32),
+        }
+        for i, (j, (slot, run, max_tokens, stop_z)) in enumerate(entries):
+            req = run.request
+            a["src"][i], a["slot"][i], a["length"][i] = j, slot, len(run.chunk.context)
+            a["n0"][i], a["max_tokens"][i], a["stop"][i] = run.n_sampled, max_tokens, stop_z
+            a["seed"][i] = req.seed % 2**32
+            a["temperature"][i], a["top_k"][i] = req.temperature, req.top_k
+            a["top_p"][i], a["min_p"][i] = req.top_p, req.min_p
+        sp = SamplingArrays(a["temperature"], a["top_k"], a["top_p"], a["min_p"])
+        cache_rows, logits_rv = rows
+        self.state = slots.insert(
+            self.model, self.state, cache_rows, logits_rv, np.int32(n), a["src"], a["slot"],
+            a["length"], a["n0"], a["max_tokens"], a["seed"], a["stop"], sp,
+        )  # fmt: skip
 
     # ---- the scheduler ----------------------------------------------------------------------
 
@@ -415,6 +472,8 @@ class Engine:
                 reason = self._advance(slot, run)
                 if reason is not None:  # nothing to run (cannot happen for a checked request)
                     finished.append(self._finish(slot, run, reason))
+        if self._admitted:
+            self._insert_admitted()
         return finished
 
     def _finish(self, slot: int, run: _Running, reason: str) -> tuple[int, Result]:

@@ -2,10 +2,12 @@
 
 Pure, jitted pieces; the host scheduler in engine.py decides what to call when.
 
-- `prefill`: one context, right-padded to a length bucket, through the model with a fresh
-  single-row cache; returns that row's cache and the logits of the first new token.
-- `insert`: writes a prefilled row into slot `b` of the big cache (the slot index is traced, so
-  one compilation serves every slot) and sets that slot's per-request arrays.
+- `prefill`: R contexts, right-padded to one length bucket, through the model with a fresh
+  R-row cache; returns those rows' cache and the logits of each one's first new token.
+- `insert`: copies prefilled rows into slots of the big cache and sets those slots'
+  per-request arrays, for every request admitted in a scheduler step in one call (the row and
+  slot indices are traced arrays padded to a fixed length, so one compilation per (R, prefill
+  bucket) serves any mix; the n samples of one prompt share its row).
 - `extend`: feeds a few forced tokens (budget forcing's "Wait" or `</think>`) into a running
   slot's cache at its own positions, without re-prefilling the context.
 - `set_controls`: re-arms a slot that stopped for the scheduler (new token budget, stop ids).
@@ -90,21 +92,21 @@ def prefill_buckets(max_len: int, min_bucket: int = 16) -> tuple[int, ...]:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def prefill(model: Model, params, tokens_1p, length):
-    """(cache row L x {"k","v"}: (1, P, K, H), logits of the first new token (V,) float32).
+def prefill(model: Model, params, tokens_rp, lengths_r):
+    """(cache rows, logits of each row's first new token (R, V) float32) of R contexts.
 
-    Padding tokens past `length` land in the cache at positions >= length; the request's own
-    tokens overwrite them before any query can see them.
+    Padding tokens past a row's length land in its cache at positions >= length; the request's
+    own tokens overwrite them before any query can see them.
     """
-    P = tokens_1p.shape[1]
-    cache = model.init_cache(1, P)
-    positions_1p = jnp.arange(P, dtype=jnp.int32)[None]
-    logits_1pv, cache = model.apply(params, tokens_1p, positions_1p, cache)
-    return cache, logits_1pv[0, length - 1]
+    R, P = tokens_rp.shape
+    cache = model.init_cache(R, P)
+    positions_rp = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (R, P))
+    logits_rpv, cache = model.apply(params, tokens_rp, positions_rp, cache)
+    return cache, logits_rpv[jnp.arange(R), lengths_r - 1]
 
 
 def _set(a_b, slot, v):
-    return a_b.at[slot].set(v)
+    return a_b.at[slot].set(v, mode="drop")  # a slot index past the end is padding
 
 
 def _put_row(model, cache, row, slot):
@@ -129,31 +131,40 @@ def _get_row(model, cache, slot):
 def insert(
     model: Model,
     state: DecodeState,
-    row_cache,
-    logits_v,
-    slot,
-    length,
-    n0,
-    max_tokens,
-    seed,
-    stop_z,
-    sp,
+    rows_cache,
+    logits_rv,
+    n,
+    src_m,
+    slot_m,
+    length_m,
+    n0_m,
+    max_tokens_m,
+    seed_m,
+    stop_mz,
+    sp_m: SamplingArrays,
 ):
-    """Puts a prefilled context into `slot` (traced: one compilation per prefill bucket).
+    """Puts prefilled contexts into slots: entry i < n copies row src_m[i] of `rows_cache`
+    into slot slot_m[i]. Every *_m array has the same fixed length M (the engine's max_slots);
+    entries from n on are padding (slot index B, dropped).
 
-    n0 is the request's sampled-token count so far (non-zero after a Markovian reset), so its
+    n0 is a request's sampled-token count so far (non-zero after a Markovian reset), so its
     PRNG stream continues; the segment ends when the count reaches max_tokens.
     """
+
+    def copy_row(i, cache):  # n iterations (a traced bound), each writing one row in place
+        row = _get_row(model, rows_cache, src_m[i])
+        return _put_row(model, cache, row, slot_m[i])
+
     return DecodeState(
-        cache=_put_row(model, state.cache, row_cache, slot),
-        logits_bv=_set(state.logits_bv, slot, logits_v),
-        pos_b=_set(state.pos_b, slot, length),
-        n_b=_set(state.n_b, slot, n0),
-        max_tokens_b=_set(state.max_tokens_b, slot, max_tokens),
-        seed_b=_set(state.seed_b, slot, seed),
-        active_b=_set(state.active_b, slot, True),
-        stop_bz=_set(state.stop_bz, slot, stop_z),
-        sampling=jax.tree.map(lambda a, v: _set(a, slot, v), state.sampling, sp),
+        cache=jax.lax.fori_loop(0, n, copy_row, state.cache),
+        logits_bv=_set(state.logits_bv, slot_m, logits_rv[src_m]),
+        pos_b=_set(state.pos_b, slot_m, length_m),
+        n_b=_set(state.n_b, slot_m, n0_m),
+        max_tokens_b=_set(state.max_tokens_b, slot_m, max_tokens_m),
+        seed_b=_set(state.seed_b, slot_m, seed_m),
+        active_b=_set(state.active_b, slot_m, True),
+        stop_bz=_set(state.stop_bz, slot_m, stop_mz),
+        sampling=jax.tree.map(lambda a, v: _set(a, slot_m, v), state.sampling, sp_m),
     )
 
 

@@ -335,6 +335,7 @@ def _mixed_requests(free, n, seed):
 
 def test_no_recompilation_in_steady_state(tiny, free):
     engine = _engine(tiny)
+    assert engine.warmup() > 0  # every (prefill rows, bucket) shape admission can use
     # warm-up: a prompt in every prefill bucket, resets, "Wait", forced </think> + prefix, an
     # accepted </think> (re-arming in place), sampled and greedy
     warm = [Request(PROMPT + [5] * n, max_tokens=3) for n in (9, 17, 37)]

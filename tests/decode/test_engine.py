@@ -1,6 +1,7 @@
 """The continuous-batching engine: against the plain forward pass, compile counts, seeds, stops."""
 
 import numpy as np
+import pytest
 from compile_count import count_compiles
 from greedy_reference import argmax_reference
 
@@ -55,6 +56,7 @@ def _mixed_requests(n, seed):
 
 def test_no_recompilation_in_steady_state(tiny):
     engine = _engine(tiny, max_slots=4)
+    assert engine.warmup() > 0  # every (prefill rows, bucket) shape admission can use
     # warm-up: one request per bucket, every kind of sampling setting, a stop-id finish
     for r in _mixed_requests(15, seed=0) + [Request([1] * 30, max_tokens=2)]:
         engine.submit(r)
@@ -224,3 +226,36 @@ def test_samples_of_one_prompt_share_its_prefill(tiny, monkeypatch):
     engine.set_params(tiny[1])
     _run_one(engine, group[0])
     assert len(calls) == 3
+
+
+def test_admission_prefills_a_step_s_prompts_together(tiny, monkeypatch):
+    """Requests admitted in one step are prefilled R rows per call (R a power of two, at most
+    prefill_tokens tokens per call) and inserted at once; each equals the request run alone."""
+    from jreason.decode import slots
+
+    calls = []
+    real_prefill = slots.prefill
+    monkeypatch.setattr(slots, "prefill", lambda *a: calls.append(a[2].shape) or real_prefill(*a))
+    prompts = [[3 + i, 9, 2 * i + 1] for i in range(5)] + [list(range(1, 12))]  # buckets 8, 16
+    group = [Request(p, max_tokens=6, temperature=0.9, seed=i) for i, p in enumerate(prompts)]
+    group += [Request(prompts[0], max_tokens=6, temperature=0.9, seed=9)]  # shares row 0
+    alone = [_run_one(_engine(tiny), r) for r in group]
+    calls.clear()
+    engine = _engine(tiny, max_slots=8)
+    rids = [engine.submit(r) for r in group]
+    results = engine.run_until_idle()
+    assert sorted(calls) == [(1, 16), (8, 8)]  # 5 distinct 3-token prompts -> 8 rows; 1 of 11
+    calls.clear()
+    engine = _engine(tiny, max_slots=8, prefill_tokens=16)  # 2 rows of bucket 8 per call
+    rids2 = [engine.submit(r) for r in group]
+    results2 = engine.run_until_idle()
+    assert sorted(calls) == [(1, 8), (1, 16), (2, 8), (2, 8)]
+    for rid, rid2, ref in zip(rids, rids2, alone):
+        for got in (results[rid], results2[rid2]):
+            assert got.tokens == ref.tokens
+            np.testing.assert_allclose(got.logprobs, ref.logprobs, rtol=1e-5, atol=1e-6)
+
+
+def test_prefill_tokens_must_be_positive(tiny):
+    with pytest.raises(ValueError, match="prefill_tokens=0"):
+        _engine(tiny, prefill_tokens=0)
