@@ -71,7 +71,7 @@ import optax
 from flax import nnx
 
 from jreason import config as config_lib
-from jreason.model import kv_cache
+from jreason.model import kv_cache, vocab_head
 from jreason.model.attention import make_mask
 from jreason.model.config import ModelConfig, RopeConfig
 from jreason.model.layers import RMSNorm, dense, param, rope_frequencies
@@ -540,6 +540,21 @@ class RecurrentModel:
             backprop_depth=backprop_depth,
         )
         return logits_btv, cache
+
+    def token_stats(
+        self, params, tokens_bt, positions_bt, segment_ids_bt, targets_bt, *, temperature=1.0,
+        entropy: bool = False,
+    ) -> dict:  # fmt: skip
+        """`vocab_head.logit_stats` of `targets_bt` at the depth this model decodes at
+        (`decode_steps`, default mean_recurrence; the cap when adaptive exit is set, which has
+        no fixed depth to score), with the engine's fixed s_0: the policy RL rollouts sample
+        from, so the trainer's log-probs equal the engine's. Gradients flow through the last
+        `backprop_depth` iterations, as in SFT."""
+        steps = self.decode_steps if self.decode_steps is not None else self.cfg.mean_recurrence
+        logits_btv, _ = self.apply(
+            params, tokens_bt, positions_bt, None, segment_ids_bt, num_steps=steps
+        )
+        return vocab_head.logit_stats(logits_btv, targets_bt, temperature, entropy)
 
     def apply_adaptive(
         self, params, tokens_bt, positions_bt, cache, *, key=None, max_steps=None, threshold=None

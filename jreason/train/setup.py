@@ -20,7 +20,7 @@ from jreason.data.verify import score_math
 from jreason.decode.sampler import generate
 from jreason.model import config as model_config
 from jreason.model import recurrent, transformer
-from jreason.model.store import load_model
+from jreason.model.store import abstract, load_model
 from jreason.model.transformer import init_model
 from jreason.tokenizer import load_tokenizer, train_sentencepiece
 
@@ -106,9 +106,7 @@ def build_model(cfg, tokenizer, mesh):
             params = jax.tree.map(
                 lambda x: x.astype(model_cfg.param_dtype), params
             )  # dtype policy may have changed
-        from jreason.model.transformer import abstract_model
-
-        model, _ = abstract_model(model_cfg)
+        model, _, _ = abstract(model_cfg)  # a transformer or a recurrent-depth model
         if model_cfg.vocab_size < tokenizer.vocab_size:
             raise config_lib.ConfigError(
                 f"model.init_from: vocab_size {model_cfg.vocab_size} is smaller than the "

@@ -36,7 +36,6 @@ from jreason import distributed
 from jreason.data import pipeline
 from jreason.data.tasks.base import Example
 from jreason.decode.engine import Engine
-from jreason.model.transformer import param_axes
 from jreason.train import checkpoint as ckpt_lib
 from jreason.train import metrics as metrics_lib
 from jreason.train import state as state_lib
@@ -51,6 +50,7 @@ from jreason.train.setup import (
     build_tokenizer,
     is_recurrent,
     make_mesh,
+    param_axes,
     tokenizer_dir,
 )
 from jreason.train.sft import to_global_batch
@@ -165,11 +165,6 @@ def train_rl(cfg: RLConfig) -> dict:
     mesh = make_mesh(cfg.mesh)
     tokenizer = build_tokenizer(cfg, run_dir)
     model, params, model_cfg = build_model(cfg, tokenizer, mesh)
-    if is_recurrent(model_cfg):
-        raise config_lib.ConfigError(
-            f"model.preset: {cfg.model.preset} is a recurrent-depth model, which RL cannot train "
-            "yet: rollouts run on decode/engine.py, which takes transformer params (SFT can)"
-        )
     if is_main:
         config_lib.save(cfg, run_dir / "config.yaml")
         config_lib.save(model_cfg, run_dir / "model.yaml")
@@ -339,9 +334,8 @@ def train_rl(cfg: RLConfig) -> dict:
             report["eval"] = evaluate_engine(engine, tokenizer, cfg)
             logger.log(cfg.steps, {f"eval_{k}": v for k, v in report["eval"].items()})
         if cfg.export.hf:
-            ckpt_lib.export_hf(
-                run_dir / "export-hf", model_cfg, state["params"], tokenizer_dir(cfg, run_dir)
-            )
+            out = run_dir / ("export" if is_recurrent(model_cfg) else "export-hf")  # as SFT's
+            ckpt_lib.export_hf(out, model_cfg, state["params"], tokenizer_dir(cfg, run_dir))
     logger.close()
     checkpointer.close()
     if is_main:

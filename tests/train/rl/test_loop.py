@@ -3,6 +3,7 @@ resumed from a checkpoint logs exactly what an uninterrupted run logs."""
 
 import json
 
+import jax
 import pytest
 
 from jreason.config import repo_root
@@ -85,3 +86,34 @@ def test_resumed_run_logs_what_an_uninterrupted_run_logs_and_kl_grows(tmp_path):
     # step 1 updates from the reference itself: KL exactly 0; later steps sample a moved policy
     assert whole[1]["token_kl"] == 0.0
     assert whole[2]["token_kl"] > 0.0 and resumed[3]["token_kl"] > 0.0
+
+
+def test_rl_trains_a_recurrent_depth_model_on_its_engine_s_policy(tmp_path):
+    """A recurrent-depth (Huginn) preset goes through the same loop: the engine samples at the
+    model's depth and the trainer scores the same policy (TIS's engine-vs-trainer log-prob gap
+    ~0), the update moves the weights, and the export is a jreason dir that reloads."""
+    import numpy as np
+
+    from jreason.model.recurrent import RecurrentConfig
+    from jreason.model.store import load_model
+
+    small = [s for s in SMALL if not s.startswith(("model.preset", "model.overrides"))]
+    cfg = load_rl_config(
+        DEMO,
+        [
+            f"run_dir={tmp_path}", *small, "model.preset=tiny-recurrent",
+            "model.overrides={d_model: 32, d_ff: 64, n_core: 1, mean_recurrence: 3}",
+            "steps=2", "optim.lr=1e-2", "algo.tis_cap=2.0", "export.hf=true",
+            "checkpoint.every=100",
+        ],
+    )  # fmt: skip
+    train_rl(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = {r["step"]: r for r in rows if "reward" in r}
+    assert sorted(steps) == [1, 2]
+    for r in steps.values():
+        assert r["token_engine_abs_diff"] < 1e-4, r  # same depth, same s_0, same numbers
+        assert r["grad_norm"] > 0
+    model_cfg, params = load_model(tmp_path / "export")
+    assert isinstance(model_cfg, RecurrentConfig) and model_cfg.mean_recurrence == 3
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))

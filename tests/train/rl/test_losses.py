@@ -297,8 +297,23 @@ def tiny():
     return model, jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-def test_token_logprobs_match_engine_logprobs(tiny):
-    model, params = tiny
+@pytest.fixture(scope="module")
+def tiny_recurrent():
+    from jreason.model.recurrent import RecurrentConfig, init_recurrent
+
+    cfg = RecurrentConfig(
+        vocab_size=64, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64,
+        n_prelude=1, n_core=1, n_coda=1, mean_recurrence=3, max_recurrence=6, init_std=0.3,
+    )  # fmt: skip
+    model, params = init_recurrent(cfg, jax.random.key(2))
+    return model.with_depth(4), params  # the trainer must score at the engine's depth, not 3
+
+
+@pytest.mark.parametrize("kind", ["tiny", "tiny_recurrent"])
+def test_token_logprobs_match_engine_logprobs(kind, request):
+    """RL's trainer recomputes the rollout's log-probs: the same numbers as the engine's, for
+    plain and Markovian requests, and for a recurrent-depth model at its decode depth."""
+    model, params = request.getfixturevalue(kind)
     engine = Engine(model, params, max_slots=2, max_len=32, buckets=(8,))
     markov = MarkovianConfig(chunk_size=12, keep_tail=4, max_chunks=3)
     requests = [
