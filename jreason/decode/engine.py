@@ -35,6 +35,7 @@ import numpy as np
 
 from jreason.decode import slots
 from jreason.decode.budget import ThinkingBudget
+from jreason.decode.latent import Thoughts
 from jreason.decode.markovian import MarkovianConfig, chunk_room, reset_context
 from jreason.decode.sampling import SamplingArrays
 from jreason.model.transformer import Model
@@ -57,6 +58,8 @@ class Request:
     `stop_ids` end generation on the device (the stop token is kept in the output);
     `stop_strings` are checked on the host with the engine's `detokenize` callback.
     `max_tokens` caps the whole trace (thinking, forced tokens and answer, over all chunks).
+    `thoughts` (Coconut models): the prompt ends with `<bot>`; the slot thinks `thoughts.n`
+    continuous thoughts and takes `<eot>` before the first sampled token (slots.think).
     """
 
     prompt_ids: Sequence[int]
@@ -70,6 +73,7 @@ class Request:
     stop_strings: Sequence[str] = ()
     thinking: ThinkingBudget | None = None
     markovian: MarkovianConfig | None = None
+    thoughts: Thoughts | None = None
 
 
 @dataclasses.dataclass
@@ -223,6 +227,23 @@ class Engine:
         tb = request.thinking
         if tb is not None:
             self.bucket(max(len(tb.continuation_ids), len(tb.forced_end())))  # `extend`s
+        th = request.thoughts
+        if th is not None:
+            if mk is not None or tb is not None:
+                raise ValueError("thoughts (Coconut) do not combine with markovian or thinking")
+            if not isinstance(self.model, Model):
+                raise ValueError("thoughts need a transformer model (input embeddings)")
+            if request.prompt_ids[-1] != th.tokens.bot:
+                raise ValueError(f"thoughts: the prompt must end with <bot> ({th.tokens.bot})")
+            if th.tokens.vocab_size > self.model.cfg.vocab_size:
+                raise ValueError(
+                    f"thoughts: ids {th.tokens} need vocab_size >= {th.tokens.vocab_size}"
+                )
+            if n + th.n + 1 >= self.max_len:
+                raise ValueError(
+                    f"prompt of {n} tokens + {th.n} thoughts + <eot> leaves no room to "
+                    f"generate (max_len={self.max_len})"
+                )
         n_stop = len(request.stop_ids) + (request.thinking is not None)
         if n_stop > self.max_stop_ids:
             raise ValueError(f"{n_stop} stop ids (with </think>) exceed max_stop_ids")
@@ -386,7 +407,7 @@ class Engine:
         admitted, self._admitted = self._admitted, []
         by_bucket: dict[int, dict[tuple[int, ...], list]] = {}
         for entry in admitted:
-            key = tuple(entry[1].chunk.context)
+            key = tuple(entry[1].request.prompt_ids)  # = the context, latent positions aside
             by_bucket.setdefault(self.bucket(len(key)), {}).setdefault(key, []).append(entry)
         last, self._last_rows = self._last_rows, {}
         for P, contexts in by_bucket.items():
@@ -448,7 +469,7 @@ class Engine:
         }
         for i, (j, (slot, run, max_tokens, stop_z)) in enumerate(entries):
             req = run.request
-            a["src"][i], a["slot"][i], a["length"][i] = j, slot, len(run.chunk.context)
+            a["src"][i], a["slot"][i], a["length"][i] = j, slot, len(req.prompt_ids)
             a["n0"][i], a["max_tokens"][i], a["stop"][i] = run.n_sampled, max_tokens, stop_z
             a["seed"][i] = req.seed % 2**32
             a["temperature"][i], a["top_k"][i] = req.temperature, req.top_k
@@ -459,6 +480,13 @@ class Engine:
             self.model, self.state, cache_rows, logits_rv, np.int32(n), a["src"], a["slot"],
             a["length"], a["n0"], a["max_tokens"], a["seed"], a["stop"], sp,
         )  # fmt: skip
+        for _, (slot, run, _, _) in entries:
+            th, prompt = run.request.thoughts, run.request.prompt_ids
+            if th is not None:
+                self.state = slots.think(
+                    self.model, self.params, self.state, np.int32(slot), np.int32(prompt[-1]),
+                    np.int32(len(prompt)), np.int32(th.n), np.int32(th.tokens.eot),
+                )  # fmt: skip
 
     # ---- the scheduler ----------------------------------------------------------------------
 
@@ -467,7 +495,9 @@ class Engine:
         for slot in range(self.max_slots):
             while self.queue and self.slots[slot] is None:
                 run = self.queue.popleft()
-                run.chunks.append(Chunk(list(run.request.prompt_ids), [], []))
+                th = run.request.thoughts
+                context = [*run.request.prompt_ids, *(th.placeholders() if th else [])]
+                run.chunks.append(Chunk(context, [], []))
                 self.slots[slot] = run
                 reason = self._advance(slot, run)
                 if reason is not None:  # nothing to run (cannot happen for a checked request)

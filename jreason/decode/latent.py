@@ -15,12 +15,14 @@ lengths each write at their own positions (kv_cache.py: slot index == position),
 a row wrote during prefill is overwritten by its latents before any query of that row sees it.
 
 Returned per row: the text tokens (stop token kept) and their log-probs; the latents are not
-tokens and are counted apart (`n_latent`). Left out: per-row numbers of thoughts and the
-continuous-batching engine (engine.py runs token-only requests).
+tokens and are counted apart (`n_latent`). The continuous-batching engine runs the same phases
+per request (`Request(prompt + [<bot>], thoughts=Thoughts(tokens, n))`, slots.think), so each
+request can think its own number of steps next to token-only requests.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -31,6 +33,23 @@ from jreason.decode.sampling import SamplingArrays, sample
 from jreason.model.kv_cache import init_cache
 from jreason.model.latent import LatentTokens
 from jreason.model.transformer import unstack_layers
+
+
+@dataclasses.dataclass(frozen=True)
+class Thoughts:
+    """An engine request's latent phase: its prompt ends with `<bot>`; then `n` continuous
+    thoughts and `<eot>` (placed in the cache, not in the trace), then text."""
+
+    tokens: LatentTokens
+    n: int
+
+    def __post_init__(self):
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 0:
+            raise ValueError(f"thoughts: n must be an integer >= 0, got {self.n!r}")
+
+    def placeholders(self) -> list[int]:
+        """The ids the context records for the latent positions and `<eot>`."""
+        return [self.tokens.latent] * self.n + [self.tokens.eot]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7))

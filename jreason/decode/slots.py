@@ -10,6 +10,8 @@ Pure, jitted pieces; the host scheduler in engine.py decides what to call when.
   bucket) serves any mix; the n samples of one prompt share its row).
 - `extend`: feeds a few forced tokens (budget forcing's "Wait" or `</think>`) into a running
   slot's cache at its own positions, without re-prefilling the context.
+- `think`: Coconut's continuous thoughts in a just-inserted slot: n hidden states fed back as
+  input embeddings, then `<eot>`.
 - `set_controls`: re-arms a slot that stopped for the scheduler (new token budget, stop ids).
 - `generate`: one token (or k, multi-step) for every slot at once. Sample from each slot's pending logits, check
   stop ids and budgets, feed the token back through the model at the slot's own position, keep
@@ -184,6 +186,40 @@ def extend(model: Model, params, state: DecodeState, slot, tokens_1t, start, n, 
         max_tokens_b=_set(state.max_tokens_b, slot, max_tokens),
         active_b=_set(state.active_b, slot, True),
         stop_bz=_set(state.stop_bz, slot, stop_z),
+    )
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+def think(model: Model, params, state: DecodeState, slot, last_token, start, n, eot_id):
+    """Coconut's latent phase for a just-inserted slot (decode/latent.py has the batch form):
+    re-feed the prompt's last token (`<bot>`) at start - 1 for its final-norm'd hidden state
+    (its cache entry is rewritten with the same values), feed that state back as the input
+    embedding of positions start .. start + n - 1, then `<eot>` at start + n; its logits are
+    the slot's next. n is traced: one compilation serves every number of thoughts."""
+    row = _get_row(model, state.cache, slot)
+    _, row, h_11d = model.apply(
+        params, jnp.full((1, 1), last_token, jnp.int32), jnp.full((1, 1), start - 1), row,
+        return_hidden=True,
+    )  # fmt: skip
+    unused_11 = jnp.zeros((1, 1), jnp.int32)  # ids are ignored when embeddings are given
+
+    def latent(i, carry):
+        h_11d, row = carry
+        _, row, h_11d = model.apply(
+            params, unused_11, jnp.full((1, 1), start + i), row, inputs_embeds_btd=h_11d,
+            return_hidden=True,
+        )  # fmt: skip
+        return h_11d, row
+
+    _, row = jax.lax.fori_loop(0, n, latent, (h_11d, row))
+    logits_11v, row = model.apply(
+        params, jnp.full((1, 1), eot_id, jnp.int32), jnp.full((1, 1), start + n), row
+    )
+    return dataclasses.replace(
+        state,
+        cache=_put_row(model, state.cache, row, slot),
+        logits_bv=_set(state.logits_bv, slot, logits_11v[0, 0]),
+        pos_b=_set(state.pos_b, slot, start + n + 1),
     )
 
 

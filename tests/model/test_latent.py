@@ -190,6 +190,40 @@ def test_cached_latent_generation_equals_uncached_forward(tiny):
         np.testing.assert_allclose(got, out["logprobs"], atol=1e-4)
 
 
+def test_engine_thinks_continuous_thoughts_like_the_batch_generator(tiny):
+    """Coconut requests in the continuous-batching engine, each with its own number of
+    thoughts and next to a token-only request, give generate_latent's text and log-probs."""
+    from jreason.decode.engine import Engine, Request
+    from jreason.decode.latent import Thoughts
+
+    model, params = tiny
+    questions, n_latents, new = [[5, 9, 11, 4, 20], [7, 8], [5, 9, 11, 4, 20]], [3, 1, 0], 6
+    engine = Engine(model, params, max_slots=2, max_len=24, buckets=(8,))
+    plain = engine.submit(Request([3, 4, 5], max_tokens=new))
+    rids = [
+        engine.submit(Request([*q, TOK.bot], max_tokens=new, thoughts=Thoughts(TOK, n)))
+        for q, n in zip(questions, n_latents)
+    ]
+    results = engine.run_until_idle()
+    for rid, q, n in zip(rids, questions, n_latents):
+        (ref,) = generate_latent(
+            model, params, [q], tokens=TOK, n_latent=n, max_new_tokens=new, bucket=8
+        )
+        got = results[rid]
+        assert got.tokens == ref["tokens"], (n, got.tokens, ref["tokens"])
+        np.testing.assert_allclose(got.logprobs, ref["logprobs"], atol=1e-4)
+        assert got.chunks[0].context == [*q, TOK.bot, *[TOK.latent] * n, TOK.eot]
+        assert got.peak_context == len(q) + 1 + n + 1 + new
+    assert len(results[plain].tokens) == new
+    assert len({tuple(results[r].tokens) for r in rids[::2]}) == 2  # 3 thoughts vs none differ
+    with pytest.raises(ValueError, match="must end with <bot>"):
+        engine.submit(Request([1, 2], thoughts=Thoughts(TOK, 2)))
+    with pytest.raises(ValueError, match="n must be an integer >= 0"):
+        Thoughts(TOK, -1)
+    with pytest.raises(ValueError, match="leaves no room"):
+        engine.submit(Request([1, TOK.bot], thoughts=Thoughts(TOK, 22)))
+
+
 def test_coconut_loss_in_the_train_step(tiny):
     """Step 1's reported loss is the CE of the (pre-update) forward, worked out from the
     logits; a few steps on one batch bring it down."""
