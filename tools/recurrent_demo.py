@@ -1,24 +1,26 @@
 """Recurrent depth at test time: accuracy vs core iterations r, and adaptive exit (issue 7).
 
 Trains (or reuses) the tiny recurrent-depth model of `configs/sft/recurrent_demo.yaml` on
-variable tracking (`var_chain`: resolve up to 6 chained assignments with no written reasoning,
-so every hop happens inside the forward pass), then decodes the same held-out problems greedily
-at fixed depths r and with adaptive exit (a token stops iterating when the KL between successive
-iterates' output distributions is below a threshold, capped at the largest r). Prints the table
-(accuracy, and the core iterations per generated token), plots accuracy vs r, and with
-`--record` appends both to RESULTS.md.
+variable tracking (`var_chain`: resolve 1-3 chained assignments past a distractor chain with no
+written reasoning, so every hop happens inside the forward pass), then decodes the same held-out
+problems greedily at fixed depths r and with adaptive exit (a token stops iterating when the KL
+between successive iterates' output distributions is below a threshold, capped at the largest r).
+Prints the table (accuracy, overall and by number of hops, and the core iterations per generated
+token), plots accuracy vs r, and with `--record` appends both (and the plot's path) to RESULTS.md.
 
-    python tools/recurrent_demo.py                       # train (~10 min on 2 cores) + evaluate
+    python tools/recurrent_demo.py                       # train (~15 min on 2 cores) + evaluate
     python tools/recurrent_demo.py --run-dir runs/recurrent_demo --skip-train --record
 
 The same evaluation from the CLI, one depth at a time:
     jreason eval --model runs/recurrent_demo/export --task var_chain \\
-        --knob max_hops=6 --knob distractors=2 --knob instructions=false --recurrence 8
+        --knob max_hops=3 --knob distractors=1 --knob letters=8 --knob spaced=true \\
+        --knob instructions=false --recurrence 8
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -27,6 +29,20 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 CONFIG = REPO / "configs" / "sft" / "recurrent_demo.yaml"
+
+
+def hops(prompt: str) -> int:
+    """Assignments between the asked variable and its number (either var_chain format)."""
+    table = dict(re.findall(r"(\w) ?= ?(\w)", prompt))
+    name, n = re.search(r"What is (\w)", prompt).group(1), 0
+    while not table[name].isdigit():
+        name, n = table[name], n + 1
+    return n
+
+
+def task_label(cfg) -> str:
+    k = cfg.data.task_knobs
+    return f"{cfg.data.task}, {k.get('min_hops', 1)}-{k.get('max_hops', 6)} hops"
 
 
 def evaluate(export: Path, cfg, depths, thresholds, n: int) -> list[dict]:
@@ -43,6 +59,7 @@ def evaluate(export: Path, cfg, depths, thresholds, n: int) -> list[dict]:
     task = get_task(cfg.data.task, **cfg.data.task_knobs)
     examples = pipeline.eval_examples(cfg.data, n)
     prompts = eval_prompts(cfg, tokenizer, examples)
+    ex_hops = [hops(ex.prompt) for ex in examples]
     runs = [(f"r = {r}", model.with_depth(r)) for r in depths]
     runs += [
         (f"adaptive, KL < {t:g}, r <= {max(depths)}", model.with_depth(max(depths), t))
@@ -55,9 +72,14 @@ def evaluate(export: Path, cfg, depths, thresholds, n: int) -> list[dict]:
             m, params, prompts, max_new_tokens=cfg.eval.max_new_tokens,
             stop_ids=sorted(tokenizer.stop_ids), pad_id=tokenizer.pad_id or 0,
         )  # fmt: skip
-        acc = sum(
+        scores = [
             task.score(tokenizer.decode(o["tokens"]), ex.answer) for o, ex in zip(outs, examples)
-        )
+        ]
+        acc = sum(scores)
+        by_hops = {
+            f"{h} hops": sum(s for s, k in zip(scores, ex_hops) if k == h) / ex_hops.count(h)
+            for h in sorted(set(ex_hops))
+        }
         steps = sum(o["mean_steps"] * len(o["tokens"]) for o in outs) / sum(
             len(o["tokens"]) for o in outs
         )
@@ -66,14 +88,18 @@ def evaluate(export: Path, cfg, depths, thresholds, n: int) -> list[dict]:
             "depth": m.decode_steps,
             "adaptive": m.exit_threshold is not None,
             "accuracy": acc / len(examples),
+            **by_hops,
             "iterations/token": steps,
             "seconds": time.perf_counter() - t0,
         })  # fmt: skip
-        print(f"{name:32s} accuracy {acc / len(examples):6.1%}  iterations/token {steps:5.2f}")
+        per = "  ".join(f"{k} {v:6.1%}" for k, v in by_hops.items())
+        print(
+            f"{name:32s} accuracy {acc / len(examples):6.1%}  ({per})  iterations/token {steps:5.2f}"
+        )
     return rows
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, label: str = "var_chain") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,7 +113,7 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.plot(r["iterations/token"], r["accuracy"], "s", label=r["decoding"])
     ax.set_xlabel("core iterations per token")
     ax.set_ylabel("held-out accuracy")
-    ax.set_title("var_chain (1-6 hops): accuracy vs test-time depth")
+    ax.set_title(f"{label}: accuracy vs test-time depth")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -116,24 +142,27 @@ def main(argv=None) -> int:
     if not export.is_dir():
         raise SystemExit(f"{export} not found: train first (drop --skip-train)")
     rows = evaluate(export, cfg, args.depths, args.thresholds, args.num)
-    plot(rows, REPO / args.plot)
+    plot(rows, REPO / args.plot, task_label(cfg))
     if args.record:
-        record(rows, " ".join(["python tools/recurrent_demo.py", *(argv or sys.argv[1:])]))
+        command = " ".join(["python tools/recurrent_demo.py", *(argv or sys.argv[1:])])
+        record(rows, command, task_label(cfg), args.plot)
     return 0
 
 
-def record(rows: list[dict], command: str) -> None:
+def record(rows: list[dict], command: str, label: str, plot_path: str) -> None:
     sys.path.insert(0, str(REPO / "tools" / "bench"))
     from common import markdown_table
 
     table = [
-        {k: (f"{v:.1%}" if k == "accuracy" else f"{v:.2f}" if isinstance(v, float) else v)
+        {k: (f"{v:.1%}" if k == "accuracy" or k.endswith("hops")
+             else f"{v:.2f}" if isinstance(v, float) else v)
          for k, v in r.items() if k not in ("depth", "adaptive")}
         for r in rows
     ]  # fmt: skip
     text = (
-        "\n### Recurrent depth: accuracy vs test-time iterations (var_chain, 1-6 hops, greedy)\n\n"
-        f"`{command}`, {time.strftime('%Y-%m-%d')}\n\n{markdown_table(table)}\n"
+        f"\n### Recurrent depth: accuracy vs test-time iterations ({label}, greedy)\n\n"
+        f"`{command}`, {time.strftime('%Y-%m-%d')}\n\n{markdown_table(table)}\n\n"
+        f"![accuracy vs r]({plot_path})\n"
     )
     with open(REPO / "RESULTS.md", "a") as f:
         f.write(text)

@@ -378,3 +378,21 @@ def test_var_chain_knobs_are_checked():
         get_task("var_chain", min_hops=3, max_hops=2)
     with pytest.raises(ValueError, match="more than the 26 letters"):
         get_task("var_chain", max_hops=12, distractors=2)
+
+
+def test_var_chain_spaced_format_and_letter_pool():
+    """`spaced` only adds whitespace (the same problem, resolved the same way); `letters` caps
+    the variable names and is checked against the chain sizes."""
+    kw = {"max_hops": 3, "distractors": 1, "letters": 8, "instructions": False}
+    plain = get_task("var_chain", **kw)
+    spaced = get_task("var_chain", **kw, spaced=True)
+    for a, b in zip(plain.generate(seed=5, n=40), spaced.generate(seed=5, n=40)):
+        assert b.prompt.startswith("Variables: ") and " = " in b.prompt and b.prompt.endswith(" ?")
+        unspaced = b.prompt.replace(" = ", "=").replace(" ; ", "; ").replace(" . ", ". ")
+        assert unspaced.replace(" ?", "?") == a.prompt and a.answer == b.answer
+        assert str(_resolve(a.prompt)[0]) == a.answer
+        assert set(re.findall(r"([a-z])=", a.prompt)) <= set("abcdefgh")
+    with pytest.raises(ValueError, match="more than the 8 letters"):
+        get_task("var_chain", max_hops=4, distractors=1, letters=8)
+    with pytest.raises(ValueError, match="letters must be <= 26"):
+        get_task("var_chain", letters=27)
