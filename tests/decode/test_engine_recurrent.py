@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 from greedy_reference import argmax_reference
+from tiny_recurrent import tiny_recurrent
 
 from jreason.decode import sampler
 from jreason.decode.engine import Engine, Request
@@ -22,11 +23,7 @@ N_NEW = [8, 5, 9, 6]
 
 @pytest.fixture(scope="module")
 def rec():
-    cfg = RecurrentConfig(
-        vocab_size=64, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64,
-        n_prelude=1, n_core=1, n_coda=1, mean_recurrence=3, max_recurrence=6, init_std=0.3,
-    )  # fmt: skip
-    return init_recurrent(cfg, jax.random.key(2))
+    return tiny_recurrent()
 
 
 def _run(model, params, max_slots=2):

@@ -298,18 +298,14 @@ def tiny():
 
 
 @pytest.fixture(scope="module")
-def tiny_recurrent():
-    from jreason.model.recurrent import RecurrentConfig, init_recurrent
+def recurrent():
+    from tiny_recurrent import tiny_recurrent
 
-    cfg = RecurrentConfig(
-        vocab_size=64, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64,
-        n_prelude=1, n_core=1, n_coda=1, mean_recurrence=3, max_recurrence=6, init_std=0.3,
-    )  # fmt: skip
-    model, params = init_recurrent(cfg, jax.random.key(2))
+    model, params = tiny_recurrent()
     return model.with_depth(4), params  # the trainer must score at the engine's depth, not 3
 
 
-@pytest.mark.parametrize("kind", ["tiny", "tiny_recurrent"])
+@pytest.mark.parametrize("kind", ["tiny", "recurrent"])
 def test_token_logprobs_match_engine_logprobs(kind, request):
     """RL's trainer recomputes the rollout's log-probs: the same numbers as the engine's, for
     plain and Markovian requests, and for a recurrent-depth model at its decode depth."""
