@@ -68,6 +68,10 @@ def parse_args(argv=None):
     p.add_argument("--c-thought", type=int, default=1, help="c: thoughts per replaced step")
     p.add_argument("--min-hops", type=int, default=2)
     p.add_argument("--max-hops", type=int, default=2)
+    p.add_argument(
+        "--branching", type=int, default=2,
+        help="out-edges per path node (1: a plain chain, no dead ends to search past)",
+    )  # fmt: skip
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--eval", type=int, default=256, help="held-out problems")
@@ -150,7 +154,7 @@ def main(argv=None) -> int:
         "prosqa",
         min_hops=args.min_hops,
         max_hops=args.max_hops,
-        branching=2,
+        branching=args.branching,
         side_len=1,
         instructions=False,
     )

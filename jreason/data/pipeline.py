@@ -104,6 +104,10 @@ class DataConfig:
     pack: bool = True  # pack several examples per row (segment_ids/positions)
     packing_bins: int = 4  # rows each stream fills at once: more = fuller rows, more buffering
     thinking: bool = True  # render the reasoning inside <think>...</think>
+    # Loss on the prompt tokens too, not only the assistant turns (TRL's completion_only_loss=
+    # False, LLaMA-Factory's train_on_prompt): from scratch on a procedural task, predicting the
+    # prompt teaches attention its structure long before the few answer tokens do.
+    train_on_prompt: bool = False
     skip_bad_records: bool = False  # count and skip malformed records instead of raising
     worker_count: int = 0  # grain worker processes (0 = in-process)
     # Record fields for jsonl / parquet, each tried in order (see verify.load_math_records).
@@ -396,14 +400,17 @@ def _check_prepared(paths: Sequence[str], tokenizer, cfg: DataConfig) -> None:
 # --- grain transforms (module-level classes so worker processes can unpickle them) -----------
 
 
-def _fit(ids: np.ndarray, mask: np.ndarray, seq_len: int) -> dict[str, Any]:
+def _fit(ids: np.ndarray, mask: np.ndarray, seq_len: int, all_tokens: bool) -> dict[str, Any]:
     truncated = len(ids) > seq_len
+    if all_tokens:  # DataConfig.train_on_prompt
+        mask = np.ones_like(mask)
     return {"ids": ids[:seq_len], "mask": mask[:seq_len], "truncated": int(truncated)}
 
 
 class _Tokenize(grain.transforms.Map):
-    def __init__(self, tokenizer, thinking: bool, seq_len: int):
+    def __init__(self, tokenizer, thinking: bool, seq_len: int, all_tokens: bool = False):
         self.tokenizer, self.thinking, self.seq_len = tokenizer, thinking, seq_len
+        self.all_tokens = all_tokens
 
     def map(self, record: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -411,16 +418,16 @@ class _Tokenize(grain.transforms.Map):
         except Exception as e:
             where = record.get("where", record.get("id", "?"))
             raise RecordError(f"{where}: cannot tokenize: {e}") from e
-        return _fit(ids, mask, self.seq_len)
+        return _fit(ids, mask, self.seq_len, self.all_tokens)
 
 
 class _Decode(grain.transforms.MapWithIndex):
-    def __init__(self, path: str, seq_len: int):
-        self.path, self.seq_len = path, seq_len
+    def __init__(self, path: str, seq_len: int, all_tokens: bool = False):
+        self.path, self.seq_len, self.all_tokens = path, seq_len, all_tokens
 
     def map_with_index(self, index: int, data: bytes) -> dict[str, Any]:
         ids, mask, _ = decode_tokenized(data, f"{self.path}: record {index}")
-        return _fit(ids, mask, self.seq_len)
+        return _fit(ids, mask, self.seq_len, self.all_tokens)
 
 
 class _TaskRecords(Sequence):
@@ -535,7 +542,7 @@ class _StackRowsIterator(grain.DatasetIterator):
 
 def _examples_dataset(cfg: DataConfig, tokenizer, split: str) -> tuple[grain.MapDataset, int, str]:
     """(tokenized examples in epoch order, bad records skipped, description) before shuffling."""
-    tokenize = _Tokenize(tokenizer, cfg.thinking, cfg.seq_len)
+    tokenize = _Tokenize(tokenizer, cfg.thinking, cfg.seq_len, cfg.train_on_prompt)
     if cfg.source == "task":
         records = _TaskRecords(cfg, split)
         tokenize.map(records[0])  # fail now, not in a worker, if the template cannot do it
@@ -552,7 +559,7 @@ def _examples_dataset(cfg: DataConfig, tokenizer, split: str) -> tuple[grain.Map
         _check_prepared(paths, tokenizer, cfg)
         parts = [
             grain.MapDataset.source(grain.sources.ArrayRecordDataSource([p])).map_with_index(
-                _Decode(p, cfg.seq_len)
+                _Decode(p, cfg.seq_len, cfg.train_on_prompt)
             )
             for p in paths
         ]

@@ -373,6 +373,39 @@ def test_var_chain_answer_follows_the_assignments(knobs):
     assert shown.reasoning.endswith(f"={shown.answer}")
 
 
+@pytest.mark.parametrize("spaced", [False, True])
+def test_var_chain_queries_answer_every_asked_chain_in_order(spaced):
+    """`queries`: each asked variable resolved on its own by following the statements; chains
+    draw their own hop counts (0 = assigned a number directly); the checker wants every pair."""
+    task = get_task(
+        "var_chain", queries=3, min_hops=0, max_hops=4, distractors=1, letters=26, spaced=spaced
+    )
+    per_chain_hops = set()
+    for ex in task.generate(seed=11, n=60):
+        flat = ex.prompt.replace(" = ", "=").replace(" ; ", "; ").replace(" . ", ". ")
+        body, question = flat.split(". What is ")
+        table = dict(s.split("=") for s in body.removeprefix("Variables: ").split("; "))
+        asked = re.findall(r"[a-z]", question.split("?")[0])
+        want = []
+        for name in asked:
+            seen, hops = name, 0
+            while not table[seen].isdigit():
+                seen, hops = table[seen], hops + 1
+            want.append((name, table[seen]))
+            per_chain_hops.add(hops)
+        numbers = re.findall(r"=(\d)", flat)
+        assert len(numbers) == 4 == len(set(numbers))  # 3 asked + 1 distractor, distinct values
+        assert re.findall(r"([a-z]) ?= ?(\d)", ex.answer) == want
+        assert task.score(f"\\boxed{{{ex.answer}}}", ex.answer) == 1.0
+        wrong = ex.answer.replace(want[1][1], str((int(want[1][1]) + 1) % 10))
+        assert task.score(f"\\boxed{{{wrong}}}", ex.answer) == 0.0
+        short = re.sub(r"[;,]? ?" + want[2][0] + r" ?= ?\d", "", ex.answer)
+        assert task.score(f"\\boxed{{{short}}}", ex.answer) == 0.0  # a missing pair fails
+    assert per_chain_hops == set(range(5))
+    with pytest.raises(ValueError, match="at most 10"):
+        get_task("var_chain", queries=8, distractors=3, max_hops=1)
+
+
 def test_var_chain_knobs_are_checked():
     with pytest.raises(ValueError, match="max_hops must be >= 3"):
         get_task("var_chain", min_hops=3, max_hops=2)

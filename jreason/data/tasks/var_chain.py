@@ -9,7 +9,11 @@ must do every hop inside its forward pass; that is the recurrent-depth demonstra
 
     Variables: e=4; c=b; b=a; f=e; a=7; d=c. What is d?        answer 7, hops 4
 
-Hops are drawn uniformly from [min_hops, max_hops] per example. Variables are single letters
+Hops are drawn uniformly from [min_hops, max_hops] per example. `queries: k > 1` asks for the last
+variable of k chains at once, each chain with its own hop count, and the answer is their values as
+one digit string in the asked order ("What is d, g?" -> `74`): k supervised digits per problem,
+each resolved separately, which is what makes the task learnable in CPU minutes (the
+recurrent-depth demo; a one-digit answer gives the trainer one useful token per ~60). Variables are single letters
 (the first `letters` of the alphabet, 26 at most, across the chain and the distractors); values
 are digits. `spaced: true` writes `a = b ; c = 7 .` so a variable is one token wherever it appears.
 
@@ -19,6 +23,7 @@ Left out: branching graphs (ProsQA-style reachability is prosqa.py) and arithmet
 from __future__ import annotations
 
 import dataclasses
+import re
 import string
 
 import numpy as np
@@ -28,7 +33,7 @@ from jreason.data.tasks.base import ANSWER_INSTRUCTION, Task, check_int, parse_i
 
 @dataclasses.dataclass(frozen=True)
 class VarChainConfig:
-    min_hops: int = 1  # assignments between the asked variable and its number
+    min_hops: int = 1  # assignments between the asked variable and its number (0: direct)
     max_hops: int = 6
     distractors: int = 2  # other chains, each as long as the asked one
     show_work: bool = False  # reasoning lists the resolved chain; false = answer directly
@@ -40,19 +45,29 @@ class VarChainConfig:
     # gives a variable one token wherever it appears (left side, right side, question), so
     # following a chain is matching equal tokens rather than learning 26 left/right pairs
     spaced: bool = False
+    # chains whose last variable is asked (answer: their values as one digit string, in the
+    # asked order); with more than one, every chain, distractors included, draws its own hops
+    queries: int = 1
 
     def __post_init__(self):
-        check_int(self, "min_hops", 1)
+        check_int(self, "min_hops", 0)
         check_int(self, "max_hops", self.min_hops)
         check_int(self, "distractors", 0)
         check_int(self, "letters", 1)
+        check_int(self, "queries", 1)
         if self.letters > len(string.ascii_lowercase):
             raise ValueError(f"VarChainConfig: letters must be <= 26, got {self.letters}")
-        if (self.max_hops + 1) * (self.distractors + 1) > self.letters:
+        chains = self.queries + self.distractors
+        if chains > 10:
             raise ValueError(
-                f"VarChainConfig: (max_hops + 1) * (distractors + 1) = "
-                f"{(self.max_hops + 1) * (self.distractors + 1)} variables, more than the "
-                f"{self.letters} letters; lower max_hops or distractors"
+                f"VarChainConfig: queries + distractors = {chains} chains, but every chain needs "
+                "its own digit value (at most 10)"
+            )
+        if (self.max_hops + 1) * chains > self.letters:
+            raise ValueError(
+                f"VarChainConfig: (max_hops + 1) * (queries + distractors) = "
+                f"{(self.max_hops + 1) * chains} variables, more than the "
+                f"{self.letters} letters; lower max_hops, queries or distractors"
             )
 
 
@@ -62,29 +77,52 @@ class VarChainTask(Task):
 
     def sample(self, rng: np.random.Generator) -> tuple[str, str, str]:
         cfg = self.config
-        hops = int(rng.integers(cfg.min_hops, cfg.max_hops + 1))
-        letters = rng.permutation(list(string.ascii_lowercase[: cfg.letters]))
+        n_chains = cfg.queries + cfg.distractors
+        if (
+            cfg.queries == 1
+        ):  # one asked chain: the distractors are as long, so length tells nothing
+            hops = [int(rng.integers(cfg.min_hops, cfg.max_hops + 1))] * n_chains
+        else:
+            hops = [int(h) for h in rng.integers(cfg.min_hops, cfg.max_hops + 1, size=n_chains)]
+        letters = [str(x) for x in rng.permutation(list(string.ascii_lowercase[: cfg.letters]))]
         values = rng.permutation(10)  # distinct values: a distractor's value is always wrong
         chains, statements = [], []
-        for c in range(cfg.distractors + 1):
-            names = [str(x) for x in letters[c * (hops + 1) : (c + 1) * (hops + 1)]]
+        for c in range(n_chains):
+            start = sum(h + 1 for h in hops[:c])
+            names = letters[start : start + hops[c] + 1]
             value = int(values[c])
             chain = [f"{names[0]}={value}"] + [
-                f"{names[i]}={names[i - 1]}" for i in range(1, hops + 1)
+                f"{names[i]}={names[i - 1]}" for i in range(1, hops[c] + 1)
             ]
             chains.append((names, value, chain))
             statements += chain
         order = rng.permutation(len(statements))
-        names, value, chain = chains[0]
+        asked = chains[: cfg.queries]
         if cfg.spaced:
             body = " ; ".join(statements[i].replace("=", " = ") for i in order)
-            prompt = f"Variables: {body} . What is {names[-1]} ?"
+            names = " , ".join(names[-1] for names, _, _ in asked)
+            prompt = f"Variables: {body} . What is {names} ?"
         else:
-            prompt = f"Variables: {'; '.join(statements[i] for i in order)}. What is {names[-1]}?"
+            body = "; ".join(statements[i] for i in order)
+            prompt = f"Variables: {body}. What is {', '.join(n[-1] for n, _, _ in asked)}?"
         if cfg.instructions:
             prompt += " " + ANSWER_INSTRUCTION
-        reasoning = ", ".join(reversed(chain)) if cfg.show_work else ""
-        return prompt, reasoning, str(value)
+        reasoning = "; ".join(", ".join(reversed(c)) for _, _, c in asked) if cfg.show_work else ""
+        if cfg.queries == 1:
+            return prompt, reasoning, str(asked[0][1])
+        # one `name=value` per asked chain, in the statements' own syntax: the token before each
+        # value names the variable it resolves, so no position has to count which query is next
+        pairs = [f"{names[-1]}={value}" for names, value, _ in asked]
+        if cfg.spaced:  # spaces at both ends too: `{ d = 7 ; g = 4 .}` keeps `d` and `4` whole
+            return prompt, reasoning, " " + " ; ".join(p.replace("=", " = ") for p in pairs) + " ."
+        return prompt, reasoning, "; ".join(pairs)
 
     def check(self, pred: str, answer: str) -> bool:
-        return parse_int(pred) == int(answer)
+        if self.config.queries == 1:
+            return parse_int(pred) == int(answer)
+        return answer_pairs(pred) == answer_pairs(answer)
+
+
+def answer_pairs(text: str) -> list[tuple[str, str]]:
+    """[(variable, value)] of a `queries > 1` answer, either format ("d = 7 ; g = 4", "d=7; g=4")."""
+    return re.findall(r"([a-z]) ?= ?(\d)", text)
