@@ -10,10 +10,9 @@ must do every hop inside its forward pass; that is the recurrent-depth demonstra
     Variables: e=4; c=b; b=a; f=e; a=7; d=c. What is d?        answer 7, hops 4
 
 Hops are drawn uniformly from [min_hops, max_hops] per example. `queries: k > 1` asks for the last
-variable of k chains at once, each chain with its own hop count, and the answer is their values as
-one digit string in the asked order ("What is d, g?" -> `74`): k supervised digits per problem,
-each resolved separately, which is what makes the task learnable in CPU minutes (the
-recurrent-depth demo; a one-digit answer gives the trainer one useful token per ~60). Variables are single letters
+variable of k chains at once, each chain with its own hop count (0 = assigned its number
+directly), and the answer is one `name=value` pair per asked chain in the asked order ("What is
+d, g?" -> `d=7; g=4`): k supervised values per problem instead of one. Variables are single letters
 (the first `letters` of the alphabet, 26 at most, across the chain and the distractors); values
 are digits. `spaced: true` writes `a = b ; c = 7 .` so a variable is one token wherever it appears.
 
@@ -45,8 +44,8 @@ class VarChainConfig:
     # gives a variable one token wherever it appears (left side, right side, question), so
     # following a chain is matching equal tokens rather than learning 26 left/right pairs
     spaced: bool = False
-    # chains whose last variable is asked (answer: their values as one digit string, in the
-    # asked order); with more than one, every chain, distractors included, draws its own hops
+    # chains whose last variable is asked (answer: `name=value` pairs in the asked order); with
+    # more than one, every chain, distractors included, draws its own hops
     queries: int = 1
 
     def __post_init__(self):
@@ -78,9 +77,7 @@ class VarChainTask(Task):
     def sample(self, rng: np.random.Generator) -> tuple[str, str, str]:
         cfg = self.config
         n_chains = cfg.queries + cfg.distractors
-        if (
-            cfg.queries == 1
-        ):  # one asked chain: the distractors are as long, so length tells nothing
+        if cfg.queries == 1:  # the distractors are as long, so length tells nothing
             hops = [int(rng.integers(cfg.min_hops, cfg.max_hops + 1))] * n_chains
         else:
             hops = [int(h) for h in rng.integers(cfg.min_hops, cfg.max_hops + 1, size=n_chains)]
