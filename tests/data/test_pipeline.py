@@ -173,7 +173,7 @@ def test_packing_puts_several_documents_in_a_row_and_pack_false_one(tok):
 def test_train_on_prompt_puts_every_next_token_of_a_document_in_the_loss(tok):
     """The same rows as the default, with the loss on every target that stays in its document:
     the whole hand-written ChatML text after the first token, prompt included."""
-    cfg = dataclasses.replace(CFG, num_epochs=1, pack=False, global_batch=4)
+    cfg = dataclasses.replace(CFG, num_epochs=1, pack=False)
     want = expected_docs(TASK.generate(cfg.seed, cfg.num_examples))
     plain = next(build_iterator(cfg, tok))
     full = next(build_iterator(dataclasses.replace(cfg, train_on_prompt=True), tok))
@@ -182,9 +182,8 @@ def test_train_on_prompt_puts_every_next_token_of_a_document_in_the_loss(tok):
     for r in range(cfg.global_batch):
         (where,) = np.nonzero(full["segment_ids"][r] > 0)
         # every position but the document's last predicts the next token of the same document
-        assert (full["loss_mask"][r, where[:-1]] == 1).all() and full["loss_mask"][r].sum() == len(
-            where
-        ) - 1
+        assert (full["loss_mask"][r, where[:-1]] == 1).all()
+        assert full["loss_mask"][r].sum() == len(where) - 1
         ids = full["inputs"][r, where]
         text = tok.decode(full["targets"][r, where[:-1]])
         prompt = tok.decode(ids[: len(ids) - int(plain["loss_mask"][r].sum())])
