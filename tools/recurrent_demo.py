@@ -1,20 +1,23 @@
 """Recurrent depth at test time: accuracy vs core iterations r, and adaptive exit (issue 7).
 
 Trains (or reuses) the tiny recurrent-depth model of `configs/sft/recurrent_demo.yaml` on
-variable tracking (`var_chain`: resolve 1-3 chained assignments past a distractor chain with no
-written reasoning, so every hop happens inside the forward pass), then decodes the same held-out
-problems greedily at fixed depths r and with adaptive exit (a token stops iterating when the KL
-between successive iterates' output distributions is below a threshold, capped at the largest r).
-Prints the table (accuracy, overall and by number of hops, and the core iterations per generated
-token), plots accuracy vs r, and with `--record` appends both (and the plot's path) to RESULTS.md.
+variable tracking (`var_chain`: three asked variables, each 0-2 chained assignments from its
+number, past a distractor chain, answered with no written reasoning, so every hop happens inside
+the forward pass), then decodes the same held-out problems greedily at fixed depths r and with
+adaptive exit (a token stops iterating when the KL between successive iterates' output
+distributions is below a threshold, capped at the largest r). Prints the table (accuracy: all
+three pairs right; variables: asked variables given their value, overall and by the hop count
+of each one's own chain; and the core
+iterations per generated token), plots accuracy vs r, and with `--record` appends both (and the
+plot's path) to RESULTS.md.
 
-    python tools/recurrent_demo.py                       # train (~15 min on 2 cores) + evaluate
+    python tools/recurrent_demo.py                       # train (~30 min on 2 cores) + evaluate
     python tools/recurrent_demo.py --run-dir runs/recurrent_demo --skip-train --record
 
 The same evaluation from the CLI, one depth at a time:
     jreason eval --model runs/recurrent_demo/export --task var_chain \\
-        --knob max_hops=3 --knob distractors=1 --knob letters=8 --knob spaced=true \\
-        --knob instructions=false --recurrence 8
+        --knob min_hops=0 --knob max_hops=2 --knob queries=3 --knob distractors=1 \\
+        --knob letters=12 --knob spaced=true --knob instructions=false --recurrence 8
 """
 
 from __future__ import annotations
@@ -31,13 +34,31 @@ sys.path.insert(0, str(REPO))
 CONFIG = REPO / "configs" / "sft" / "recurrent_demo.yaml"
 
 
-def hops(prompt: str) -> int:
-    """Assignments between the asked variable and its number (either var_chain format)."""
-    table = dict(re.findall(r"(\w) ?= ?(\w)", prompt))
-    name, n = re.search(r"What is (\w)", prompt).group(1), 0
-    while not table[name].isdigit():
-        name, n = table[name], n + 1
-    return n
+def asked(prompt: str) -> list[tuple[str, int, str]]:
+    """(variable, hops, value) of every asked variable, resolved by following the statements."""
+    body, question = prompt.split("What is", 1)
+    table = dict(re.findall(r"(\w) ?= ?(\w)", body))
+    names = re.match(r" ?([a-z](?: ?, ?[a-z])*) ?\?", question).group(1)
+    out = []
+    for name in re.findall(r"[a-z]", names):
+        var, n = name, 0
+        while not table[var].isdigit():
+            var, n = table[var], n + 1
+        out.append((name, n, table[var]))
+    return out
+
+
+def predicted(text: str, names: list[str]) -> dict[str, str]:
+    """The value the model gave each asked variable (a bare number answers a single question)."""
+    from jreason.data.tasks.base import parse_int
+    from jreason.data.tasks.var_chain import answer_pairs
+    from jreason.data.verify import extract_answer
+
+    text = extract_answer(text) or ""
+    if len(names) == 1 and not answer_pairs(text):
+        value = parse_int(text)
+        return {names[0]: str(value)} if value is not None else {}
+    return dict(answer_pairs(text))
 
 
 def task_label(cfg) -> str:
@@ -59,7 +80,8 @@ def evaluate(export: Path, cfg, depths, thresholds, n: int) -> list[dict]:
     task = get_task(cfg.data.task, **cfg.data.task_knobs)
     examples = pipeline.eval_examples(cfg.data, n)
     prompts = eval_prompts(cfg, tokenizer, examples)
-    ex_hops = [hops(ex.prompt) for ex in examples]
+    ex_asked = [asked(ex.prompt) for ex in examples]
+    all_hops = sorted({h for a in ex_asked for _, h, _ in a})
     runs = [(f"r = {r}", model.with_depth(r)) for r in depths]
     runs += [
         (f"adaptive, KL < {t:g}, r <= {max(depths)}", model.with_depth(max(depths), t))
@@ -72,14 +94,17 @@ def evaluate(export: Path, cfg, depths, thresholds, n: int) -> list[dict]:
             m, params, prompts, max_new_tokens=cfg.eval.max_new_tokens,
             stop_ids=sorted(tokenizer.stop_ids), pad_id=tokenizer.pad_id or 0,
         )  # fmt: skip
-        scores = [
-            task.score(tokenizer.decode(o["tokens"]), ex.answer) for o, ex in zip(outs, examples)
-        ]
+        texts = [tokenizer.decode(o["tokens"]) for o in outs]
+        scores = [task.score(t, ex.answer) for t, ex in zip(texts, examples)]
         acc = sum(scores)
-        by_hops = {
-            f"{h} hops": sum(s for s, k in zip(scores, ex_hops) if k == h) / ex_hops.count(h)
-            for h in sorted(set(ex_hops))
-        }
+        # per asked variable, by its own hop count (each of `queries` chains draws its own)
+        right = {h: [] for h in all_hops}
+        for text, a in zip(texts, ex_asked):
+            pred = predicted(text, [var for var, _, _ in a])
+            for var, h, value in a:
+                right[h].append(pred.get(var) == value)
+        by_hops = {f"{h} hops": sum(v) / len(v) for h, v in right.items()}
+        variables = sum(map(sum, right.values())) / sum(map(len, right.values()))
         steps = sum(o["mean_steps"] * len(o["tokens"]) for o in outs) / sum(
             len(o["tokens"]) for o in outs
         )
@@ -88,13 +113,15 @@ def evaluate(export: Path, cfg, depths, thresholds, n: int) -> list[dict]:
             "depth": m.decode_steps,
             "adaptive": m.exit_threshold is not None,
             "accuracy": acc / len(examples),
+            "variables": variables,
             **by_hops,
             "iterations/token": steps,
             "seconds": time.perf_counter() - t0,
         })  # fmt: skip
         per = "  ".join(f"{k} {v:6.1%}" for k, v in by_hops.items())
         print(
-            f"{name:32s} accuracy {acc / len(examples):6.1%}  ({per})  iterations/token {steps:5.2f}"
+            f"{name:32s} accuracy {acc / len(examples):6.1%}  variables {variables:6.1%}  "
+            f"({per})  iterations/token {steps:5.2f}"
         )
     return rows
 
@@ -107,10 +134,14 @@ def plot(rows: list[dict], path: Path, label: str = "var_chain") -> None:
 
     fixed = [r for r in rows if not r["adaptive"]]
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([r["depth"] for r in fixed], [r["accuracy"] for r in fixed], "o-", label="fixed r")
+    for key, style, curve in (
+        ("variables", "o-", "variables right"),
+        ("accuracy", "^--", "all right"),
+    ):
+        ax.plot([r["depth"] for r in fixed], [r[key] for r in fixed], style, label=curve)
     for r in rows:
         if r["adaptive"]:
-            ax.plot(r["iterations/token"], r["accuracy"], "s", label=r["decoding"])
+            ax.plot(r["iterations/token"], r["variables"], "s", label=r["decoding"])
     ax.set_xlabel("core iterations per token")
     ax.set_ylabel("held-out accuracy")
     ax.set_title(f"{label}: accuracy vs test-time depth")
@@ -154,7 +185,7 @@ def record(rows: list[dict], command: str, label: str, plot_path: str) -> None:
     from common import markdown_table
 
     table = [
-        {k: (f"{v:.1%}" if k == "accuracy" or k.endswith("hops")
+        {k: (f"{v:.1%}" if k in ("accuracy", "variables") or k.endswith("hops")
              else f"{v:.2f}" if isinstance(v, float) else v)
          for k, v in r.items() if k not in ("depth", "adaptive")}
         for r in rows

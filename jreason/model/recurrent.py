@@ -125,6 +125,17 @@ class RecurrentConfig:
     exit_threshold: float = 1e-3
     # std of the random initial state (truncated at +-3 std); None -> init_std, as the paper.
     state_init_std: float | None = None
+    # Scale-free RMS normalization of e before it is injected. The paper's sandwich-normed,
+    # sqrt(D)-scaled embeddings make e O(1) like the state; our pre-norm prelude leaves e at
+    # the residual stream's init scale (~0.05 RMS) next to a unit-RMS state, so the adapter
+    # would first have to learn a ~20x gain on its e half before the input mattered.
+    inject_norm: bool = False
+    # Adapter init. "normal": N(0, init_std^2) like every weight. "sum": that plus [I; I], so at
+    # init u = s + e, a residual recurrence through which the token's embedding reaches every
+    # iterate and the coda (additive injection, as looped transformers use). From scratch a
+    # tiny model with "normal" starts from a random mix of state and input and takes far
+    # longer to learn even to copy tokens (RESULTS.md, recurrent depth demo).
+    adapter_init: Literal["normal", "sum"] = "normal"
 
     def __post_init__(self):
         # The Block fields are validated (and head_dim filled in) by ModelConfig itself.
@@ -145,6 +156,10 @@ class RecurrentConfig:
         if self.exit_threshold < 0:
             raise config_lib.ConfigError(
                 f"exit_threshold: must be >= 0 (0 = never exit early), got {self.exit_threshold}"
+            )
+        if self.adapter_init not in ("normal", "sum"):
+            raise config_lib.ConfigError(
+                f"adapter_init: must be 'normal' or 'sum', got {self.adapter_init!r}"
             )
         if self.state_init_std is not None and self.state_init_std <= 0:
             raise config_lib.ConfigError(
@@ -229,6 +244,10 @@ class Core(nnx.Module):
         D, pd = cfg.d_model, cfg.param_dtype
         # Input dim 2D (state then embedding) split like every weight's D input; output whole.
         self.adapter = param(rngs, (2 * D, D), ("embed", None), pd, cfg.init_std)
+        if cfg.adapter_init == "sum":
+            eye = jnp.eye(D, dtype=jnp.float32)
+            w = self.adapter[...].astype(jnp.float32) + jnp.concatenate([eye, eye])
+            self.adapter.value = w.astype(pd)
         self.layers = _stacked_blocks(cfg.block_config(cfg.n_core), rngs.params())
         self.norm = RMSNorm(D, cfg.norm_eps, pd, rngs=rngs)
         self.remat, self.scan = cfg.remat, cfg.scan_layers
@@ -284,7 +303,12 @@ class RecurrentDecoder(nnx.Module):
     def encode(self, tokens_bt, positions_bt, mask_bts, rope, cache=None):
         """Embedding + prelude -> (e_btd, prelude cache)."""
         x_btd = jnp.take(self.embed[...], tokens_bt, axis=0).astype(self.cfg.dtype)
-        return self._run(self.prelude, x_btd, positions_bt, mask_bts, rope, cache)
+        e_btd, cache = self._run(self.prelude, x_btd, positions_bt, mask_bts, rope, cache)
+        if self.cfg.inject_norm:
+            e_f = e_btd.astype(jnp.float32)
+            e_f = e_f * jax.lax.rsqrt(jnp.mean(e_f * e_f, -1, keepdims=True) + self.cfg.norm_eps)
+            e_btd = e_f.astype(e_btd.dtype)
+        return e_btd, cache
 
     def decode(self, s_btd, positions_bt, mask_bts, rope, cache=None):
         """Coda + final norm + lm_head -> (float32 logits_btv, coda cache)."""

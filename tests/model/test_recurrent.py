@@ -171,6 +171,45 @@ def test_cached_decode_matches_the_full_forward(tiny, forward):
     assert not np.allclose(forward(tokens, pos, 2), forward(tokens, pos, R), atol=1e-3)
 
 
+def test_inject_norm_feeds_the_core_a_unit_rms_e_and_keeps_cached_decode_exact(tiny):
+    model, params = tiny  # inject_norm adds no parameters: the same params serve both configs
+    normed, _ = rc.abstract_recurrent(CFG.replace(inject_norm=True))
+    tokens, pos = _prompt()
+
+    def e_of(m):
+        dec = m.module(params)
+        mask, rope = dec.context(pos)
+        return np.asarray(dec.encode(tokens, pos, mask, rope)[0], np.float64)
+
+    e, e_n = e_of(model), e_of(normed)
+    rms = np.sqrt((e**2).mean(-1, keepdims=True) + CFG.norm_eps)
+    assert not np.allclose(rms, 1.0, atol=0.1)  # without it e is not unit-scale
+    np.testing.assert_allclose(e_n, e / rms, rtol=1e-5, atol=1e-6)
+
+    full = normed.apply(params, tokens, pos, num_steps=3, key=KEY)[0]
+    assert not np.allclose(full, model.apply(params, tokens, pos, num_steps=3, key=KEY)[0])
+    cache = normed.init_cache(2, 16)
+    logits, cache = normed.apply(params, tokens[:, :5], pos[:, :5], cache, num_steps=3, key=KEY)
+    out = [logits]
+    for t in range(5, T):
+        logits, cache = normed.apply(
+            params, tokens[:, t : t + 1], pos[:, t : t + 1], cache, num_steps=3, key=KEY
+        )
+        out.append(logits)
+    np.testing.assert_allclose(np.concatenate(out, axis=1), full, atol=1e-5)
+
+
+def test_sum_adapter_init_is_the_normal_init_plus_two_identities():
+    _, p_normal = rc.init_recurrent(CFG, jax.random.key(0))
+    _, p_sum = rc.init_recurrent(CFG.replace(adapter_init="sum"), jax.random.key(0))
+    eye = np.eye(CFG.d_model, dtype=np.float32)
+    want = np.asarray(p_normal["core"]["adapter"]) + np.concatenate([eye, eye])
+    np.testing.assert_allclose(np.asarray(p_sum["core"]["adapter"]), want, rtol=1e-6)
+    # every other parameter is untouched
+    p_sum["core"]["adapter"] = p_normal["core"]["adapter"]
+    jax.tree.map(np.testing.assert_array_equal, p_sum, p_normal)
+
+
 def test_adaptive_exit(tiny, forward):
     model, params = tiny
     tokens, pos = _prompt()
@@ -245,6 +284,8 @@ def test_config_errors_name_the_field():
     base = dict(vocab_size=V, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64)
     with pytest.raises(ConfigError, match="n_core: must be >= 1"):
         rc.RecurrentConfig(**base, n_core=0)
+    with pytest.raises(ConfigError, match="adapter_init: must be 'normal' or 'sum'"):
+        rc.RecurrentConfig(**base, adapter_init="eye")
     with pytest.raises(ConfigError, match="exit_threshold"):
         rc.RecurrentConfig(**base, exit_threshold=-1.0)
     with pytest.raises(ConfigError, match="n_kv_heads"):
