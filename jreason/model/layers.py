@@ -46,17 +46,21 @@ def dense(x, w, n_in: int = 1, preferred_element_type=None):
     return y.reshape(*lead, *out_shape)
 
 
+def rms_normalize(x, eps: float):
+    """x / rms(x) over the last axis, computed in float32, returned in x's dtype (no scale)."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return x32.astype(x.dtype)
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, param_dtype, *, axis_name: str = "norm", rngs):
         self.scale = param(rngs, (dim,), (axis_name,), param_dtype, None)
         self.eps = eps
 
     def __call__(self, x):
-        dtype = x.dtype
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         # HF casts back to the input dtype before multiplying by the weight.
-        return self.scale[...].astype(dtype) * x32.astype(dtype)
+        return self.scale[...].astype(x.dtype) * rms_normalize(x, self.eps)
 
 
 class MLP(nnx.Module):

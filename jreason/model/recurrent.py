@@ -74,7 +74,7 @@ from jreason import config as config_lib
 from jreason.model import kv_cache, vocab_head
 from jreason.model.attention import make_mask
 from jreason.model.config import ModelConfig, RopeConfig
-from jreason.model.layers import RMSNorm, dense, param, rope_frequencies
+from jreason.model.layers import RMSNorm, dense, param, rms_normalize, rope_frequencies
 from jreason.model.transformer import (
     _split,
     _stacked_blocks,
@@ -305,9 +305,7 @@ class RecurrentDecoder(nnx.Module):
         x_btd = jnp.take(self.embed[...], tokens_bt, axis=0).astype(self.cfg.dtype)
         e_btd, cache = self._run(self.prelude, x_btd, positions_bt, mask_bts, rope, cache)
         if self.cfg.inject_norm:
-            e_f = e_btd.astype(jnp.float32)
-            e_f = e_f * jax.lax.rsqrt(jnp.mean(e_f * e_f, -1, keepdims=True) + self.cfg.norm_eps)
-            e_btd = e_f.astype(e_btd.dtype)
+            e_btd = rms_normalize(e_btd, self.cfg.norm_eps)
         return e_btd, cache
 
     def decode(self, s_btd, positions_bt, mask_bts, rope, cache=None):
