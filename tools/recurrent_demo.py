@@ -1,23 +1,22 @@
 """Recurrent depth at test time: accuracy vs core iterations r, and adaptive exit (issue 7).
 
 Trains (or reuses) the tiny recurrent-depth model of `configs/sft/recurrent_demo.yaml` on
-variable tracking (`var_chain`: three asked variables, each 0-2 chained assignments from its
-number, past a distractor chain, answered with no written reasoning, so every hop happens inside
+variable tracking (`var_chain` with `ask_all`: three chains of 0-2 chained assignments from their
+numbers, every variable asked and answered with no written reasoning, so every hop happens inside
 the forward pass), then decodes the same held-out problems greedily at fixed depths r and with
 adaptive exit (a token stops iterating when the KL between successive iterates' output
-distributions is below a threshold, capped at the largest r). Prints the table (accuracy: all
-three pairs right; variables: asked variables given their value, overall and by the hop count
-of each one's own chain; and the core
-iterations per generated token), plots accuracy vs r, and with `--record` appends both (and the
-plot's path) to RESULTS.md.
+distributions is below a threshold, capped at the largest r). Prints the table (accuracy: every
+pair right; variables: asked variables given their value, overall and by the hop count of each
+one's own chain; and the core iterations per generated token), plots accuracy vs r, and with
+`--record` appends both (and the plot's path) to RESULTS.md.
 
-    python tools/recurrent_demo.py                       # train (~30 min on 2 cores) + evaluate
+    python tools/recurrent_demo.py                       # train (~35 min on 2 cores) + evaluate
     python tools/recurrent_demo.py --run-dir runs/recurrent_demo --skip-train --record
 
 The same evaluation from the CLI, one depth at a time:
     jreason eval --model runs/recurrent_demo/export --task var_chain \\
-        --knob min_hops=0 --knob max_hops=2 --knob queries=3 --knob distractors=1 \\
-        --knob letters=12 --knob spaced=true --knob instructions=false --recurrence 8
+        --knob min_hops=0 --knob max_hops=2 --knob distractors=2 --knob letters=9 \\
+        --knob spaced=true --knob instructions=false --knob ask_all=true --recurrence 8
 """
 
 from __future__ import annotations
@@ -38,9 +37,12 @@ def asked(prompt: str) -> list[tuple[str, int, str]]:
     """(variable, hops, value) of every asked variable, resolved by following the statements."""
     body, question = prompt.split("What is", 1)
     table = dict(re.findall(r"(\w) ?= ?(\w)", body))
-    names = re.match(r" ?([a-z](?: ?, ?[a-z])*) ?\?", question).group(1)
+    if question.strip().startswith("each"):  # ask_all: every variable, alphabetically
+        names = sorted(table)
+    else:
+        names = re.findall(r"[a-z]", re.match(r" ?([a-z](?: ?, ?[a-z])*) ?\?", question).group(1))
     out = []
-    for name in re.findall(r"[a-z]", names):
+    for name in names:
         var, n = name, 0
         while not table[var].isdigit():
             var, n = table[var], n + 1
@@ -97,7 +99,7 @@ def evaluate(export: Path, cfg, depths, thresholds, n: int) -> list[dict]:
         texts = [tokenizer.decode(o["tokens"]) for o in outs]
         scores = [task.score(t, ex.answer) for t, ex in zip(texts, examples)]
         acc = sum(scores)
-        # per asked variable, by its own hop count (each of `queries` chains draws its own)
+        # per asked variable, by its own hop count (each chain draws its own)
         right = {h: [] for h in all_hops}
         for text, a in zip(texts, ex_asked):
             pred = predicted(text, [var for var, _, _ in a])

@@ -406,6 +406,35 @@ def test_var_chain_queries_answer_every_asked_chain_in_order(spaced):
         get_task("var_chain", queries=8, distractors=3, max_hops=1)
 
 
+@pytest.mark.parametrize("spaced", [False, True])
+def test_var_chain_ask_all_answers_every_variable_alphabetically(spaced):
+    """`ask_all`: one pair per variable of every chain (distractors too), in alphabetical order,
+    each value found by following the statements; hop counts 0..max_hops all occur."""
+    task = get_task(
+        "var_chain", ask_all=True, min_hops=0, max_hops=3, distractors=2, letters=12, spaced=spaced
+    )
+    hops_seen = set()
+    for ex in task.generate(seed=5, n=40):
+        flat = ex.prompt.replace(" = ", "=").replace(" ; ", "; ").replace(" . ", ". ")
+        body, question = flat.split(". What is ")
+        assert question.startswith("each")
+        table = dict(s.split("=") for s in body.removeprefix("Variables: ").split("; "))
+        want = []
+        for name in sorted(table):
+            seen, hops = name, 0
+            while not table[seen].isdigit():
+                seen, hops = table[seen], hops + 1
+            want.append((name, table[seen]))
+            hops_seen.add(hops)
+        assert re.findall(r"([a-z]) ?= ?(\d)", ex.answer) == want
+        assert task.score(f"\\boxed{{{ex.answer}}}", ex.answer) == 1.0
+        last = want[-1]
+        wrong = ex.answer.replace(f"{last[0]} = {last[1]}" if spaced else f"{last[0]}={last[1]}",
+                                  f"{last[0]} = {(int(last[1]) + 1) % 10}")  # fmt: skip
+        assert task.score(f"\\boxed{{{wrong}}}", ex.answer) == 0.0
+    assert hops_seen == set(range(4))
+
+
 def test_var_chain_knobs_are_checked():
     with pytest.raises(ValueError, match="max_hops must be >= 3"):
         get_task("var_chain", min_hops=3, max_hops=2)

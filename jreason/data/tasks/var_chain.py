@@ -12,7 +12,9 @@ must do every hop inside its forward pass; that is the recurrent-depth demonstra
 Hops are drawn uniformly from [min_hops, max_hops] per example. `queries: k > 1` asks for the last
 variable of k chains at once, each chain with its own hop count (0 = assigned its number
 directly), and the answer is one `name=value` pair per asked chain in the asked order ("What is
-d, g?" -> `d=7; g=4`): k supervised values per problem instead of one. Variables are single letters
+d, g?" -> `d=7; g=4`): k supervised values per problem instead of one. `ask_all` asks every
+variable ("What is each?", answered in alphabetical order), so each problem supervises every hop
+count from 0 to its chains' lengths. Variables are single letters
 (the first `letters` of the alphabet, 26 at most, across the chain and the distractors); values
 are digits. `spaced: true` writes `a = b ; c = 7 .` so a variable is one token wherever it appears.
 
@@ -47,6 +49,10 @@ class VarChainConfig:
     # chains whose last variable is asked (answer: `name=value` pairs in the asked order); with
     # more than one, every chain, distractors included, draws its own hops
     queries: int = 1
+    # ask every variable, chain members and distractors alike, answered in alphabetical order:
+    # one supervised lookup per variable (hop counts 0..max_hops in every problem) instead of
+    # `queries` -- the dense signal a tiny model needs to learn the lookup at all
+    ask_all: bool = False
 
     def __post_init__(self):
         check_int(self, "min_hops", 0)
@@ -77,7 +83,7 @@ class VarChainTask(Task):
     def sample(self, rng: np.random.Generator) -> tuple[str, str, str]:
         cfg = self.config
         n_chains = cfg.queries + cfg.distractors
-        if cfg.queries == 1:  # the distractors are as long, so length tells nothing
+        if cfg.queries == 1 and not cfg.ask_all:  # distractors as long: length tells nothing
             hops = [int(rng.integers(cfg.min_hops, cfg.max_hops + 1))] * n_chains
         else:
             hops = [int(h) for h in rng.integers(cfg.min_hops, cfg.max_hops + 1, size=n_chains)]
@@ -95,17 +101,24 @@ class VarChainTask(Task):
             statements += chain
         order = rng.permutation(len(statements))
         asked = chains[: cfg.queries]
+        if cfg.ask_all:  # every variable as the end of its own (sub)chain, alphabetically
+            asked = sorted(
+                ((names[: i + 1], value, chain) for names, value, chain in chains
+                 for i in range(len(names))),
+                key=lambda a: a[0][-1],
+            )  # fmt: skip
         if cfg.spaced:
             body = " ; ".join(statements[i].replace("=", " = ") for i in order)
-            names = " , ".join(names[-1] for names, _, _ in asked)
+            names = "each" if cfg.ask_all else " , ".join(names[-1] for names, _, _ in asked)
             prompt = f"Variables: {body} . What is {names} ?"
         else:
             body = "; ".join(statements[i] for i in order)
-            prompt = f"Variables: {body}. What is {', '.join(n[-1] for n, _, _ in asked)}?"
+            names = "each" if cfg.ask_all else ", ".join(n[-1] for n, _, _ in asked)
+            prompt = f"Variables: {body}. What is {names}?"
         if cfg.instructions:
             prompt += " " + ANSWER_INSTRUCTION
         reasoning = "; ".join(", ".join(reversed(c)) for _, _, c in asked) if cfg.show_work else ""
-        if cfg.queries == 1:
+        if cfg.queries == 1 and not cfg.ask_all:
             return prompt, reasoning, str(asked[0][1])
         # one `name=value` per asked chain, in the statements' own syntax: the token before each
         # value names the variable it resolves, so no position has to count which query is next
@@ -115,7 +128,7 @@ class VarChainTask(Task):
         return prompt, reasoning, "; ".join(pairs)
 
     def check(self, pred: str, answer: str) -> bool:
-        if self.config.queries == 1:
+        if self.config.queries == 1 and not self.config.ask_all:
             return parse_int(pred) == int(answer)
         return answer_pairs(pred) == answer_pairs(answer)
 
