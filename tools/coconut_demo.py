@@ -76,6 +76,10 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--eval", type=int, default=256, help="held-out problems")
     p.add_argument("--preset", default="tiny-llama")
+    p.add_argument(
+        "--init-std", type=float, default=None,
+        help="weight init std (default: the preset's; 1/sqrt(d_model) suits a tiny model better)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--record", action="store_true", help="write the table to RESULTS.md (replaces its section)"
@@ -180,6 +184,8 @@ def main(argv=None) -> int:
         pad_token_id=tok.pad_id,
         max_seq_len=max(seq_len + 128, 256),
     )
+    if args.init_std is not None:
+        cfg = cfg.replace(init_std=args.init_std)
     model, params0 = init_model(cfg, jax.random.key(args.seed))
     print(
         f"prosqa hops {args.min_hops}-{args.max_hops}: vocab {tok.vocab_size}+3, seq_len "
@@ -253,7 +259,8 @@ def main(argv=None) -> int:
     picked = ", ".join(f"{m} {100 * p:.0f}%" for m, _, _, p in results)
     note = (
         f"ProsQA-style, hops {args.min_hops}-{args.max_hops}, {args.eval} held-out problems; "
-        f"{cfg.n_params / 1e6:.2f}M-param `{args.preset}` model; no-CoT/CoT {args.steps} steps, "
+        f"{cfg.n_params / 1e6:.2f}M-param `{args.preset}` model (init_std {cfg.init_std:g}); "
+        f"no-CoT/CoT {args.steps} steps, "
         f"Coconut = CoT + {args.max_stage} stages x {args.stage_steps} steps (c={args.c_thought}, "
         f"{n_latent} thoughts at eval); batch {args.batch}; {elapsed:.0f}s on "
         f"{jax.devices()[0].device_kind}. Answers naming one of the two options: {picked}."
