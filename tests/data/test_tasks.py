@@ -433,6 +433,10 @@ def test_var_chain_ask_all_answers_every_variable_alphabetically(spaced):
                                   f"{last[0]} = {(int(last[1]) + 1) % 10}")  # fmt: skip
         assert task.score(f"\\boxed{{{wrong}}}", ex.answer) == 0.0
     assert hops_seen == set(range(4))
+    shown = next(get_task("var_chain", ask_all=True, show_work=True).generate(seed=0, n=1))
+    steps = shown.reasoning.split("; ")  # one resolution per asked variable, in answer order
+    pairs = re.findall(r"([a-z])=(\d)", shown.answer)
+    assert [(s[0], s[-1]) for s in steps] == pairs
 
 
 def test_var_chain_knobs_are_checked():

@@ -103,7 +103,7 @@ class VarChainTask(Task):
         asked = chains[: cfg.queries]
         if cfg.ask_all:  # every variable as the end of its own (sub)chain, alphabetically
             asked = sorted(
-                ((names[: i + 1], value, chain) for names, value, chain in chains
+                ((names[: i + 1], value, chain[: i + 1]) for names, value, chain in chains
                  for i in range(len(names))),
                 key=lambda a: a[0][-1],
             )  # fmt: skip
