@@ -54,6 +54,11 @@ class VarChainConfig:
     # `queries` -- the dense signal a tiny model needs to learn the lookup at all
     ask_all: bool = False
 
+    @property
+    def one_number(self) -> bool:
+        """One asked chain, answered with its bare number (not `name=value` pairs)."""
+        return self.queries == 1 and not self.ask_all
+
     def __post_init__(self):
         check_int(self, "min_hops", 0)
         check_int(self, "max_hops", self.min_hops)
@@ -83,7 +88,7 @@ class VarChainTask(Task):
     def sample(self, rng: np.random.Generator) -> tuple[str, str, str]:
         cfg = self.config
         n_chains = cfg.queries + cfg.distractors
-        if cfg.queries == 1 and not cfg.ask_all:  # distractors as long: length tells nothing
+        if cfg.one_number:  # the distractors are as long, so length tells nothing
             hops = [int(rng.integers(cfg.min_hops, cfg.max_hops + 1))] * n_chains
         else:
             hops = [int(h) for h in rng.integers(cfg.min_hops, cfg.max_hops + 1, size=n_chains)]
@@ -118,7 +123,7 @@ class VarChainTask(Task):
         if cfg.instructions:
             prompt += " " + ANSWER_INSTRUCTION
         reasoning = "; ".join(", ".join(reversed(c)) for _, _, c in asked) if cfg.show_work else ""
-        if cfg.queries == 1 and not cfg.ask_all:
+        if cfg.one_number:
             return prompt, reasoning, str(asked[0][1])
         # one `name=value` per asked chain, in the statements' own syntax: the token before each
         # value names the variable it resolves, so no position has to count which query is next
@@ -128,7 +133,7 @@ class VarChainTask(Task):
         return prompt, reasoning, "; ".join(pairs)
 
     def check(self, pred: str, answer: str) -> bool:
-        if self.config.queries == 1 and not self.config.ask_all:
+        if self.config.one_number:
             return parse_int(pred) == int(answer)
         return answer_pairs(pred) == answer_pairs(answer)
 
