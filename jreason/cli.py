@@ -92,11 +92,13 @@ def _init_distributed(args, *, logs: bool = True) -> None:
     """Joins the other processes of a multi-process run (a no-op alone), then sets up logging.
 
     Runs first in every command that computes with jax: jax.distributed must start before the
-    first computation. Only process 0 logs at INFO.
+    first computation, and so must the XLA:CPU thread pool's size (cpu_threads.py). Only
+    process 0 logs at INFO.
     """
-    from jreason import distributed
+    from jreason import cpu_threads, distributed
 
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    cpu_threads.start_backend(args.cpu_threads)
     if logs:
         distributed.setup_logging()
 
@@ -390,7 +392,8 @@ def _add_generation_flags(p) -> None:
 
 
 def distributed_flags() -> argparse.ArgumentParser:
-    """The multi-process flags, a parent parser shared by every command that runs jax work."""
+    """The multi-process flags and --cpu-threads: a parent parser shared by every command that
+    runs jax work (both must act before the first computation)."""
     from jreason.distributed import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
 
     p = argparse.ArgumentParser(add_help=False)
@@ -406,6 +409,12 @@ def distributed_flags() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--process-id", type=int, metavar="I", help=f"this process, 0..N-1 ({ENV_PROCESS_ID})"
+    )
+    p.add_argument(
+        "--cpu-threads",
+        metavar="N",
+        help="XLA:CPU threads per op (or JREASON_CPU_THREADS; default: every core). 1 is faster "
+        "for tiny models on CPU; see jreason/cpu_threads.py",
     )
     return p
 

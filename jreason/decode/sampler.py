@@ -40,7 +40,10 @@ def _generate(model, params, tokens_bp, lengths_b, sampling, max_new_tokens, sto
 
     def body(carry):
         t, logits_bv, out_bn, logp_bn, done_b, n_b, cache, key = carry
-        keys_b = jax.random.split(jax.random.fold_in(key, t), B)
+
+        def keys_b():  # made only if some row samples
+            return jax.random.split(jax.random.fold_in(key, t), B)
+
         tok_b, lp_b = sample(logits_bv, keys_b, sampling)
         out_bn = out_bn.at[:, t].set(jnp.where(done_b, 0, tok_b))
         logp_bn = logp_bn.at[:, t].set(jnp.where(done_b, 0.0, lp_b))

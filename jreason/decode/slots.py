@@ -242,9 +242,12 @@ def release(state: DecodeState, slot) -> DecodeState:
 def _generate_one(model: Model, params, state: DecodeState):
     """One token per slot: (state, tokens (B,), logprobs (B,), done (B,), was_active (B,))."""
     max_len = model.cache_len(state.cache)
-    keys_b = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(
-        state.seed_b, state.n_b
-    )
+
+    def keys_b():  # made only if some row samples
+        return jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(
+            state.seed_b, state.n_b
+        )
+
     tok_b, lp_b = sample(state.logits_bv, keys_b, state.sampling)
     active_b = state.active_b
 

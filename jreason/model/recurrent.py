@@ -74,7 +74,14 @@ from jreason import config as config_lib
 from jreason.model import kv_cache, vocab_head
 from jreason.model.attention import make_mask
 from jreason.model.config import ModelConfig, RopeConfig
-from jreason.model.layers import RMSNorm, dense, param, rms_normalize, rope_frequencies
+from jreason.model.layers import (
+    RMSNorm,
+    dense,
+    param,
+    rms_normalize,
+    rope_frequencies,
+    rope_tables,
+)
 from jreason.model.transformer import (
     _split,
     _stacked_blocks,
@@ -298,7 +305,8 @@ class RecurrentDecoder(nnx.Module):
             kv_segment_ids_bs=kv_segments_bs,
             sliding_window=cfg.sliding_window,
         )
-        return mask_bts, rope_frequencies(cfg.rope, cfg.head_dim, cfg.max_seq_len)
+        rope = rope_tables(positions_bt, *rope_frequencies(cfg.rope, cfg.head_dim, cfg.max_seq_len))
+        return mask_bts, rope
 
     def encode(self, tokens_bt, positions_bt, mask_bts, rope, cache=None):
         """Embedding + prelude -> (e_btd, prelude cache)."""
@@ -403,7 +411,9 @@ class RecurrentDecoder(nnx.Module):
 
         def run(active_bt, operands):
             s_btd, cur, logp_prev = operands
-            write_pos_bt = jnp.where(active_bt, positions_bt, S)  # stopped: write dropped
+            # stopped: write dropped (rope's tables are positions_bt's; a stopped token's
+            # output is discarded below, so only the write position matters)
+            write_pos_bt = jnp.where(active_bt, positions_bt, S)
             new_btd, cur = self.core(s_btd, e_btd, write_pos_bt, mask_bts, rope, cur)
             s_btd = jnp.where(active_bt[..., None], new_btd, s_btd)
             if adaptive:

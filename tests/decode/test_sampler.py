@@ -7,7 +7,7 @@ import pytest
 from greedy_reference import argmax_reference
 
 from jreason.decode.sampler import generate
-from jreason.decode.sampling import SamplingArrays, sample
+from jreason.decode.sampling import SamplingArrays, argmax, sample
 from jreason.model import init_model, load_config
 
 
@@ -59,3 +59,33 @@ def test_filters_only_draw_allowed_tokens():
     assert seen[0] == {0, 1}  # both allowed tokens do get drawn
     # log-probs are those of the unfiltered, temperature-scaled distribution
     np.testing.assert_allclose(np.exp(logps[:, 0]), np.where(toks[:, 0] == 0, 0.5, 0.3), rtol=1e-5)
+
+
+def test_argmax_is_jnp_argmax_with_ties_nans_and_bools():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 4, (64, 37)).astype(np.float32)  # many ties: the first index must win
+    x[3, [9, 5]] = np.nan  # a NaN counts as the maximum, the first NaN wins
+    x[7] = -np.inf
+    x[8] = np.nan
+    x[9, -1] = np.inf
+    above = rng.random((64, 37)) > 0.8
+    above[0] = False  # no True: index 0, as jnp.argmax
+    for a in (x, above):
+        want = np.asarray(jnp.argmax(jnp.asarray(a), axis=-1))
+        np.testing.assert_array_equal(np.asarray(argmax(jnp.asarray(a))), want)
+
+
+def test_keys_as_a_function_draw_the_same_tokens():
+    logits = jax.random.normal(jax.random.key(3), (6, 50)) * 3
+    params = SamplingArrays(
+        temperature=jnp.array([1.0, 0.0, 0.7, 1.3, 0.0, 1.0]),
+        top_k=jnp.array([0, 0, 5, 0, 0, 0]),
+        top_p=jnp.array([1.0, 1.0, 1.0, 0.9, 1.0, 1.0]),
+        min_p=jnp.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.1]),
+    )
+    keys = jax.random.split(jax.random.key(4), 6)
+    for p in (params, SamplingArrays.fill(6)):  # mixed rows, and the all-greedy branch
+        eager = sample(logits, keys, p)
+        lazy = jax.jit(lambda lg, p: sample(lg, lambda: keys, p))(logits, p)
+        for a, b in zip(eager, lazy):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

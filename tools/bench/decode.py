@@ -22,6 +22,11 @@ generates exactly NEW_TOKENS per row, so the timed work is the same.
     python tools/bench/decode.py                         # demo + 100M models, batch 1 and 16
     python tools/bench/decode.py --sizes demo --reps 5 --no-record
     python tools/bench/decode.py --sizes 1.5b --dtype bfloat16 --batches 1 64 --reps 2  # GPU
+    python tools/bench/decode.py --sizes demo --cpu-threads 1  # XLA:CPU pool of one thread
+
+`--cpu-threads N` sizes XLA:CPU's intra-op pool (jreason/cpu_threads.py; jreason's own
+`--cpu-threads` flag); torch keeps every core unless `--torch-threads` says otherwise. Both
+counts go into the table's heading.
 """
 
 from __future__ import annotations
@@ -255,10 +260,18 @@ def main(argv=None):
     ap.add_argument(
         "--no-record", action="store_true", help="print only; do not touch BENCHMARKS.md"
     )
+    ap.add_argument("--cpu-threads", type=int, default=None, help="XLA:CPU pool size (jreason)")
+    ap.add_argument(
+        "--torch-threads", type=int, default=None, help="torch.set_num_threads (default: cores)"
+    )
     args = ap.parse_args(argv)
     import torch
 
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    from jreason import cpu_threads
+
+    cores = len(os.sched_getaffinity(0))
+    xla_threads = cpu_threads.start_backend(args.cpu_threads) or cores
+    torch.set_num_threads(args.torch_threads or cores)
     on_cpu = jax.devices()[0].platform == "cpu"
     mbytes = 512 if on_cpu else 4096
     bandwidth = measure_bandwidth(mbytes, calls=1 if on_cpu else 10)
@@ -270,7 +283,8 @@ def main(argv=None):
     append_report(
         f"Greedy decode ({DTYPE_LABELS[args.dtype]}, {PROMPT_LEN}-token prompts + {NEW_TOKENS} "
         f"new tokens): jreason sampler and engine vs transformers; memory bandwidth "
-        f"{bandwidth:.1f} GB/s{where}",
+        f"{bandwidth:.1f} GB/s{where}; threads: XLA:CPU {xla_threads}, torch "
+        f"{torch.get_num_threads()}",
         rows,
         command="python tools/bench/decode.py " + " ".join(sys.argv[1:]),
         device=device_name(),

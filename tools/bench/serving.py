@@ -249,6 +249,9 @@ def main(argv=None):
     ap.add_argument(
         "--no-record", action="store_true", help="print only; do not touch BENCHMARKS.md"
     )
+    ap.add_argument(
+        "--cpu-threads", type=int, default=None, help="XLA:CPU pool size (jreason/cpu_threads.py)"
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.requests, args.slots, args.check = 8, 4, 2
@@ -256,13 +259,18 @@ def main(argv=None):
         args.long_frac = 0.25
     import torch
 
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    from jreason import cpu_threads
+
+    cores = len(os.sched_getaffinity(0))
+    xla_threads = cpu_threads.start_backend(args.cpu_threads) or cores
+    torch.set_num_threads(cores)
     rows = bench(args)
     append_report(
         f"Serving workload (fp32, greedy): jreason Engine continuous batching vs transformers "
         f"static batches; prompts {args.prompt_range[0]}..{args.prompt_range[1]} tokens, "
         f"max_tokens {args.short[0]}..{args.short[1]} ({1 - args.long_frac:.0%}) or "
-        f"{args.long[0]}..{args.long[1]} ({args.long_frac:.0%})",
+        f"{args.long[0]}..{args.long[1]} ({args.long_frac:.0%}); threads: XLA:CPU "
+        f"{xla_threads}, torch {cores}",
         rows,
         command="python tools/bench/serving.py " + " ".join(sys.argv[1:]),
         device=device_name(),
