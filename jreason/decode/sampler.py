@@ -26,8 +26,7 @@ def _generate(model, params, tokens_bp, lengths_b, sampling, max_new_tokens, sto
     params = model.decode_params(params)  # one copy per call, outside the loop (transformer.py)
     cache = model.init_cache(B, P + max_new_tokens)
     positions_bp = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
-    logits_bpv, cache = model.apply(params, tokens_bp, positions_bp, cache)
-    last_bv = jnp.take_along_axis(logits_bpv, (lengths_b - 1)[:, None, None], axis=1)[:, 0]
+    last_bv, cache = model.apply_at(params, tokens_bp, positions_bp, cache, lengths_b - 1)
 
     out_bn = jnp.zeros((B, max_new_tokens), jnp.int32)
     logp_bn = jnp.zeros((B, max_new_tokens), jnp.float32)

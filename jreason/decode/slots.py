@@ -103,8 +103,8 @@ def prefill(model: Model, params, tokens_rp, lengths_r):
     R, P = tokens_rp.shape
     cache = model.init_cache(R, P)
     positions_rp = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (R, P))
-    logits_rpv, cache = model.apply(params, tokens_rp, positions_rp, cache)
-    return cache, logits_rpv[jnp.arange(R), lengths_r - 1]
+    logits_rv, cache = model.apply_at(params, tokens_rp, positions_rp, cache, lengths_r - 1)
+    return cache, logits_rv
 
 
 def _set(a_b, slot, v):
@@ -177,11 +177,11 @@ def extend(model: Model, params, state: DecodeState, slot, tokens_1t, start, n, 
     T = tokens_1t.shape[1]
     row = _get_row(model, state.cache, slot)
     positions_1t = start + jnp.arange(T, dtype=jnp.int32)[None]
-    logits_1tv, row = model.apply(params, tokens_1t, positions_1t, row)
+    logits_1v, row = model.apply_at(params, tokens_1t, positions_1t, row, jnp.reshape(n - 1, (1,)))
     return dataclasses.replace(
         state,
         cache=_put_row(model, state.cache, row, slot),
-        logits_bv=_set(state.logits_bv, slot, logits_1tv[0, n - 1]),
+        logits_bv=_set(state.logits_bv, slot, logits_1v[0]),
         pos_b=_set(state.pos_b, slot, start + n),
         max_tokens_b=_set(state.max_tokens_b, slot, max_tokens),
         active_b=_set(state.active_b, slot, True),

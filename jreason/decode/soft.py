@@ -125,8 +125,7 @@ def _generate(
     embed_vd = params["embed"]
     cache = init_cache(cfg, B, P + max_new)
     positions_bp = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
-    logits_bpv, cache = model.apply(params, tokens_bp, positions_bp, cache)
-    last_bv = jnp.take_along_axis(logits_bpv, (lengths_b - 1)[:, None, None], axis=1)[:, 0]
+    last_bv, cache = model.apply_at(params, tokens_bp, positions_bp, cache, lengths_b - 1)
     keys_b = jax.vmap(jax.random.key)(seeds_b)
     D = embed_vd.shape[1]
 

@@ -573,6 +573,12 @@ class RecurrentModel:
         )
         return logits_btv, cache
 
+    def apply_at(self, params, tokens_bt, positions_bt, cache, index_b):
+        """(logits_bv at position index_b[b] of each row, cache), as Model.apply_at; here the
+        full logits are computed first (adaptive exit needs every token's distribution)."""
+        logits_btv, cache = self.apply(params, tokens_bt, positions_bt, cache)
+        return jnp.take_along_axis(logits_btv, index_b[:, None, None], axis=1)[:, 0], cache
+
     def token_stats(
         self, params, tokens_bt, positions_bt, segment_ids_bt, targets_bt, *, temperature=1.0,
         entropy: bool = False,

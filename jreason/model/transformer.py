@@ -328,6 +328,15 @@ class Model:
             return params["head_dv"]
         return params["embed"].T if self.cfg.tie_embeddings else params["lm_head"]
 
+    def apply_at(self, params, tokens_bt, positions_bt, cache, index_b):
+        """(logits_bv float32 at position index_b[b] of each row, cache): a prefill needs only
+        each row's last logits, and T x V of them (4096 x 152k fp32 = 2.5 GB for a Qwen2
+        vocabulary) would dwarf the model step; the head runs on the B gathered rows."""
+        h_btd, cache = self.apply(params, tokens_bt, positions_bt, cache, head=False)
+        h_bd = jnp.take_along_axis(h_btd, index_b[:, None, None], axis=1)[:, 0]
+        w_dv = self.head_weight(params).astype(h_bd.dtype)
+        return dense(h_bd, w_dv, preferred_element_type=jnp.float32), cache
+
     def token_stats(self, params, tokens_bt, positions_bt, segment_ids_bt, targets_bt, **kw):
         """Training forward -> vocab_head.token_stats of `targets_bt` (chunked by the config's
         `logits_chunk`, so full logits are never materialized when it is set)."""

@@ -89,3 +89,18 @@ def test_keys_as_a_function_draw_the_same_tokens():
         lazy = jax.jit(lambda lg, p: sample(lg, lambda: keys, p))(logits, p)
         for a, b in zip(eager, lazy):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("layout", ["stored", "decode"])
+def test_apply_at_is_the_full_logits_at_each_rows_index(tiny, layout):
+    model, params = tiny
+    if layout == "decode":  # per-layer weights, fused projections, the head copy on CPU
+        params = model.decode_params(params)
+    tokens = jax.random.randint(jax.random.key(5), (3, 7), 1, 64)
+    positions = jnp.broadcast_to(jnp.arange(7), (3, 7))
+    index = jnp.array([6, 2, 4])
+    full, cache_full = model.apply(params, tokens, positions, model.init_cache(3, 12))
+    at, cache_at = model.apply_at(params, tokens, positions, model.init_cache(3, 12), index)
+    np.testing.assert_allclose(at, full[jnp.arange(3), index], rtol=1e-6, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(cache_at), jax.tree.leaves(cache_full)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
