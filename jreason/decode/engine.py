@@ -173,6 +173,11 @@ class Engine:
         self.think_end_id = think_end_id
         self.steps_per_dispatch = steps_per_dispatch
         self.state = slots.init_state(model, max_slots, max_len, max_stop_ids)
+        # placed (committed) where the weights are, as every later step's outputs will be: with
+        # eager, uncommitted arrays the first `insert` compiled for them and again afterwards
+        where = getattr(jax.tree.leaves(self.params)[0], "sharding", None)
+        if isinstance(where, jax.sharding.SingleDeviceSharding):
+            self.state = jax.device_put(self.state, where)
         self.queue: collections.deque[_Running] = collections.deque()
         self.slots: list[_Running | None] = [None] * max_slots
         # finished results until the caller pops them (run_until_idle returns this dict;

@@ -1,5 +1,6 @@
 """The continuous-batching engine: against the plain forward pass, compile counts, seeds, stops."""
 
+import jax
 import numpy as np
 import pytest
 from compile_count import count_compiles
@@ -67,6 +68,19 @@ def test_no_recompilation_in_steady_state(tiny):
         results = engine.run_until_idle()
     assert all(rid in results for rid in ids)
     assert compiles == [], f"{len(compiles)} compilations after warm-up"
+
+
+def test_insert_compiles_once_per_shape_from_a_fresh_engine(tiny):
+    # The empty state must be placed as every step's outputs are: with eager (uncommitted)
+    # arrays, warmup's `insert` compiled for them and the first real admission compiled again.
+    engine = _engine(tiny, max_slots=4)
+    assert all(x.committed for x in jax.tree.leaves(engine.state))
+    engine.warmup()
+    engine.step()  # nothing queued: no compilation needed
+    with count_compiles() as compiles:
+        engine.submit(Request([5, 6, 7], max_tokens=1))
+        engine._admit()  # prefill + insert of one row: both warmed up
+    assert compiles == [], f"{len(compiles)} compilations of a warmed-up admission"
 
 
 def test_seeded_sampling_is_independent_of_slot_and_company(tiny):
