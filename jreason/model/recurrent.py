@@ -320,11 +320,8 @@ class RecurrentDecoder(nnx.Module):
         """Coda + final norm + lm_head -> (float32 logits_btv, coda cache)."""
         h_btd, cache = self._run(self.coda, s_btd, positions_bt, mask_bts, rope, cache)
         h_btd = self.final_norm(h_btd)
-        if self.cfg.tie_embeddings:
-            w_dv = self.embed[...].astype(h_btd.dtype).T
-        else:
-            w_dv = self.lm_head[...].astype(h_btd.dtype)
-        return dense(h_btd, w_dv, preferred_element_type=jnp.float32), cache  # BTD,DV->BTV
+        w_dv = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+        return vocab_head.logits(h_btd, w_dv), cache
 
     def _run(self, layers, x_btd, positions_bt, mask_bts, rope, cache):
         if cache is None:

@@ -225,8 +225,7 @@ class Decoder(nnx.Module):
 
     def logits(self, h_btd, w_dv=None):
         """Final-norm'd hidden states -> float32 logits (`w_dv`: the head, if given apart)."""
-        w_dv = (self.head_weight() if w_dv is None else w_dv).astype(h_btd.dtype)
-        return dense(h_btd, w_dv, preferred_element_type=jnp.float32)  # BTD,DV->BTV
+        return vocab_head.logits(h_btd, self.head_weight() if w_dv is None else w_dv)
 
     def __call__(
         self,
@@ -334,8 +333,7 @@ class Model:
         vocabulary) would dwarf the model step; the head runs on the B gathered rows."""
         h_btd, cache = self.apply(params, tokens_bt, positions_bt, cache, head=False)
         h_bd = jnp.take_along_axis(h_btd, index_b[:, None, None], axis=1)[:, 0]
-        w_dv = self.head_weight(params).astype(h_bd.dtype)
-        return dense(h_bd, w_dv, preferred_element_type=jnp.float32), cache
+        return vocab_head.logits(h_bd, self.head_weight(params)), cache
 
     def token_stats(self, params, tokens_bt, positions_bt, segment_ids_bt, targets_bt, **kw):
         """Training forward -> vocab_head.token_stats of `targets_bt` (chunked by the config's

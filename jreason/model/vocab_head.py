@@ -39,9 +39,15 @@ def logit_stats(logits_btv, targets_bt, temperature=1.0, entropy: bool = False) 
     return out
 
 
+def logits(h_btd, w_dv):
+    """Final-norm'd hidden states (..., D) @ the head (D, V) -> float32 logits (..., V): the one
+    head matmul every forward, prefill and loss uses (the weight cast to the activations' dtype,
+    accumulated in float32)."""
+    return dense(h_btd, w_dv.astype(h_btd.dtype), preferred_element_type=jnp.float32)
+
+
 def _stats(h_btd, w_dv, targets_bt, temperature, entropy: bool):
-    logits_btv = dense(h_btd, w_dv.astype(h_btd.dtype), preferred_element_type=jnp.float32)
-    return logit_stats(logits_btv, targets_bt, temperature, entropy)
+    return logit_stats(logits(h_btd, w_dv), targets_bt, temperature, entropy)
 
 
 def token_stats(
