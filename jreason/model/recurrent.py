@@ -17,8 +17,8 @@ attention, MLP, rope and masks are the code every other model here runs. What is
   so E[tau] = mean and E[r] = mean + 1 (the `+ 1` only keeps r >= 1).
 - Truncated backprop: only the last k = `backprop_depth` iterations get gradients. The first
   max(r - k, 0) run in a `lax.fori_loop` with a traced trip count (a while loop) on
-  stop-gradient'd params, which JAX never differentiates; the last k are a `lax.scan` of static
-  length k whose step j counts (`jnp.where`) iff j >= k - min(r, k). r is therefore a traced
+  stop-gradient'd params, which JAX never differentiates; the last k are an unrolled `lax.scan` of
+  static length k whose step j counts (`jnp.where`) iff j >= k - min(r, k). r is therefore a traced
   int32 and no value of it ever recompiles the step.
 - s_0 is drawn per token from `fold_in(key, position)`: a token's initial state depends on its
   position, not on how the sequence was split into prefill and decode calls, which is what
@@ -476,7 +476,10 @@ def truncated_recurrence(core: Core, s_btd, e_btd, positions_bt, mask_bts, rope,
         # under reverse mode compiles noticeably slower for the compute it would save
         return jnp.where(j >= first_active, step(state, s_btd, e_btd), s_btd), None
 
-    return jax.lax.scan(body, s_btd, jnp.arange(k))[0]
+    # unrolled: a rolled scan stacks each iteration's residuals for the backward pass into
+    # (k, ...) buffers with dynamic-update-slices (tiny-recurrent's SFT step 0.83 -> 0.69 s on
+    # 2 cores); k is small (8 by default), so the unrolled program stays small
+    return jax.lax.scan(body, s_btd, jnp.arange(k), unroll=True)[0]
 
 
 # ----------------------------------------------------------------------------------------------
