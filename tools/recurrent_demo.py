@@ -128,6 +128,17 @@ def evaluate(export: Path, cfg, depths, thresholds, n: int) -> list[dict]:
     return rows
 
 
+def parse_stage(text: str) -> tuple[int, int]:
+    """'MAX_HOPS:STEPS' -> (max_hops, steps); anything else is refused, quoting it."""
+    try:
+        hops, steps = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise SystemExit(f"--stages: expected MAX_HOPS:STEPS (e.g. 1:2000), got {text!r}") from None
+    if hops < 0 or steps < 1:
+        raise SystemExit(f"--stages: need MAX_HOPS >= 0 and STEPS >= 1, got {text!r}")
+    return hops, steps
+
+
 def plot(rows: list[dict], path: Path, label: str = "var_chain") -> None:
     import matplotlib
 
@@ -156,7 +167,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run-dir", default="runs/recurrent_demo")
     ap.add_argument("--skip-train", action="store_true", help="reuse run_dir/export")
-    ap.add_argument("--steps", type=int, default=None, help="override the config's steps")
+    ap.add_argument(
+        "--stages",
+        nargs="+",
+        default=None,
+        metavar="MAX_HOPS:STEPS",
+        help="a hop curriculum: stage i trains STEPS steps on 0..MAX_HOPS-hop problems, "
+        "starting from stage i-1's export (fresh optimizer, seed i); the last stage's problems "
+        "are the evaluation's (default: the config's steps and hops, one stage)",
+    )
     ap.add_argument("--depths", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8, 12, 16])
     ap.add_argument("--thresholds", type=float, nargs="+", default=[1e-3, 1e-2])
     ap.add_argument("--num", type=int, default=256, help="held-out problems")
@@ -167,11 +186,20 @@ def main(argv=None) -> int:
     from jreason.train.config import load_train_config
     from jreason.train.sft import train
 
-    overrides = [f"run_dir={args.run_dir}"] + ([f"steps={args.steps}"] if args.steps else [])
-    cfg = load_train_config(CONFIG, overrides)
-    export = Path(args.run_dir) / "export"
-    if not args.skip_train:
-        train(cfg)
+    stages = [parse_stage(s) for s in args.stages] if args.stages else [None]
+    run_dir, prev, cfg = Path(args.run_dir), None, None
+    for i, stage in enumerate(stages):
+        overrides = [f"run_dir={run_dir / f'stage{i}' if args.stages else run_dir}"]
+        if stage is not None:
+            hops, steps = stage
+            overrides += [f"steps={steps}", f"data.task_knobs.max_hops={hops}", f"seed={i}"]
+        if prev is not None:  # the previous stage's model and tokenizer, a short warm-up
+            overrides += [f"model.init_from={prev}", "optim.warmup_steps=20"]
+        cfg = load_train_config(CONFIG, overrides)
+        prev = Path(cfg.run_dir) / "export"
+        if not args.skip_train:
+            train(cfg)
+    export = prev
     if not export.is_dir():
         raise SystemExit(f"{export} not found: train first (drop --skip-train)")
     rows = evaluate(export, cfg, args.depths, args.thresholds, args.num)

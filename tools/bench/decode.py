@@ -23,6 +23,7 @@ generates exactly NEW_TOKENS per row, so the timed work is the same.
     python tools/bench/decode.py --sizes demo --reps 5 --no-record
     python tools/bench/decode.py --sizes 1.5b --dtype bfloat16 --batches 1 64 --reps 2  # GPU
     python tools/bench/decode.py --sizes demo --cpu-threads 1  # XLA:CPU pool of one thread
+    python tools/bench/decode.py --sizes demo --batches 1 --engine-cache 4096  # a server's cache
 
 `--cpu-threads N` sizes XLA:CPU's intra-op pool (jreason/cpu_threads.py; jreason's own
 `--cpu-threads` flag); torch keeps every core unless `--torch-threads` says otherwise. Both
@@ -155,7 +156,12 @@ def agreement(a: np.ndarray, b: np.ndarray) -> str:
 
 
 def bench(
-    size: str, batches: list[int], reps: int, bandwidth: float, dtype: str = "float32"
+    size: str,
+    batches: list[int],
+    reps: int,
+    bandwidth: float,
+    dtype: str = "float32",
+    engine_cache: int | None = None,
 ) -> list[dict]:
     from jreason.decode.engine import Engine
     from jreason.model.hf import load_hf
@@ -180,8 +186,10 @@ def bench(
     for batch in batches:
         rng = np.random.default_rng(batch)
         prompts = rng.integers(1, cfg.vocab_size, size=(batch, PROMPT_LEN))
-        # cache sized for the job, like the sampler's (transformers' grows to the same length)
-        engine = Engine(model, params, max_slots=batch, max_len=PROMPT_LEN + NEW_TOKENS)
+        # cache sized for the job, like the sampler's (transformers' grows to the same length),
+        # unless --engine-cache sizes it like a server's
+        engine_len = engine_cache or PROMPT_LEN + NEW_TOKENS
+        engine = Engine(model, params, max_slots=batch, max_len=engine_len)
 
         # First calls: compile for jreason; checks that all three agree token for token.
         t0 = time.perf_counter()
@@ -231,6 +239,7 @@ def bench(
             {
                 "model": f"Qwen2 {size} ({cfg.n_params / 1e6:.2f}M)",
                 "batch": batch,
+                "engine cache": engine_len,
                 "transformers tok/s": f"{hf:,.1f}",
                 "sampler tok/s": f"{s:,.1f}",
                 "engine tok/s": f"{e:,.1f}",
@@ -260,6 +269,13 @@ def main(argv=None):
     ap.add_argument(
         "--no-record", action="store_true", help="print only; do not touch BENCHMARKS.md"
     )
+    ap.add_argument(
+        "--engine-cache",
+        type=int,
+        default=None,
+        help="the engine's cache length per slot (default: prompt + new tokens, the job's "
+        "length); a server's is its context length, which every decode step reads",
+    )
     ap.add_argument("--cpu-threads", type=int, default=None, help="XLA:CPU pool size (jreason)")
     ap.add_argument(
         "--torch-threads", type=int, default=None, help="torch.set_num_threads (default: cores)"
@@ -278,7 +294,11 @@ def main(argv=None):
     print(
         f"measured read bandwidth (vector x {mbytes} MB matrix): {bandwidth:.1f} GB/s", flush=True
     )
-    rows = [r for s in args.sizes for r in bench(s, args.batches, args.reps, bandwidth, args.dtype)]
+    rows = [
+        r
+        for s in args.sizes
+        for r in bench(s, args.batches, args.reps, bandwidth, args.dtype, args.engine_cache)
+    ]
     where = "" if torch_device() == "cpu" else f"; transformers on {torch.cuda.get_device_name()}"
     append_report(
         f"Greedy decode ({DTYPE_LABELS[args.dtype]}, {PROMPT_LEN}-token prompts + {NEW_TOKENS} "
