@@ -1,7 +1,7 @@
 """Recurrent depth at test time: accuracy vs core iterations r, and adaptive exit (issue 7).
 
 Trains (or reuses) the tiny recurrent-depth model of `configs/sft/recurrent_demo.yaml` on
-variable tracking (`var_chain` with `ask_all`: three chains of 0-2 chained assignments from their
+variable tracking (`var_chain` with `ask_all`: three chains of chained assignments from their
 numbers, every variable asked and answered with no written reasoning, so every hop happens inside
 the forward pass), then decodes the same held-out problems greedily at fixed depths r and with
 adaptive exit (a token stops iterating when the KL between successive iterates' output
@@ -10,11 +10,16 @@ pair right; variables: asked variables given their value, overall and by the hop
 one's own chain; and the core iterations per generated token), plots accuracy vs r, and with
 `--record` appends both (and the plot's path) to RESULTS.md.
 
-    python tools/recurrent_demo.py                       # train (~35 min on 2 cores) + evaluate
-    python tools/recurrent_demo.py --run-dir runs/recurrent_demo --skip-train --record
+Training is a hop curriculum (`--stages`, default `STAGES`): a tiny model learns the lookup
+itself far sooner from 0-1 hop problems than from 0-2 hop ones (0-2 hops from scratch: 0 hops
+still at 49% after 1800 steps; 0-1 hops: 89% after 2000), and two hops only once one hop
+works. Each stage is a run of its own (`RUN_DIR/stage<i>`) that resumes if interrupted.
+
+    python tools/recurrent_demo.py                       # train (~65 min on 2 cores) + evaluate
+    python tools/recurrent_demo.py --skip-train --record # re-evaluate runs/recurrent_demo
 
 The same evaluation from the CLI, one depth at a time:
-    jreason eval --model runs/recurrent_demo/export --task var_chain \\
+    jreason eval --model runs/recurrent_demo/stage2/export --task var_chain \\
         --knob min_hops=0 --knob max_hops=2 --knob distractors=2 --knob letters=9 \\
         --knob spaced=true --knob instructions=false --knob ask_all=true --recurrence 8
 """
@@ -31,6 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 CONFIG = REPO / "configs" / "sft" / "recurrent_demo.yaml"
+# 0-1 hops until the lookup is learned (0 hops solved, 1 hop well above chance), then 0-2
+STAGES = ("1:2000", "1:1500", "2:1500")
 
 
 def asked(prompt: str) -> list[tuple[str, int, str]]:
@@ -170,11 +177,11 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--stages",
         nargs="+",
-        default=None,
+        default=list(STAGES),
         metavar="MAX_HOPS:STEPS",
-        help="a hop curriculum: stage i trains STEPS steps on 0..MAX_HOPS-hop problems, "
-        "starting from stage i-1's export (fresh optimizer, seed i); the last stage's problems "
-        "are the evaluation's (default: the config's steps and hops, one stage)",
+        help="the hop curriculum: stage i trains STEPS steps on 0..MAX_HOPS-hop problems in "
+        "RUN_DIR/stage<i>, from stage i-1's export (fresh optimizer, seed i); the evaluation "
+        f"uses the last stage's problems (default: {' '.join(STAGES)})",
     )
     ap.add_argument("--depths", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8, 12, 16])
     ap.add_argument("--thresholds", type=float, nargs="+", default=[1e-3, 1e-2])
@@ -186,13 +193,14 @@ def main(argv=None) -> int:
     from jreason.train.config import load_train_config
     from jreason.train.sft import train
 
-    stages = [parse_stage(s) for s in args.stages] if args.stages else [None]
     run_dir, prev, cfg = Path(args.run_dir), None, None
-    for i, stage in enumerate(stages):
-        overrides = [f"run_dir={run_dir / f'stage{i}' if args.stages else run_dir}"]
-        if stage is not None:
-            hops, steps = stage
-            overrides += [f"steps={steps}", f"data.task_knobs.max_hops={hops}", f"seed={i}"]
+    for i, (hops, steps) in enumerate(map(parse_stage, args.stages)):
+        overrides = [
+            f"run_dir={run_dir / f'stage{i}'}",
+            f"steps={steps}",
+            f"data.task_knobs.max_hops={hops}",
+            f"seed={i}",
+        ]
         if prev is not None:  # the previous stage's model and tokenizer, a short warm-up
             overrides += [f"model.init_from={prev}", "optim.warmup_steps=20"]
         cfg = load_train_config(CONFIG, overrides)
