@@ -153,6 +153,7 @@ class Engine:
         think_end_id: int | None = None,
         steps_per_dispatch: int = 4,
         prefill_tokens: int = 4096,
+        attend_min: int = 256,
     ):
         if steps_per_dispatch < 1:
             raise ValueError(f"steps_per_dispatch={steps_per_dispatch} must be >= 1")
@@ -172,6 +173,12 @@ class Engine:
         self.max_stop_ids, self.pad_id, self.detokenize = max_stop_ids, pad_id, detokenize
         self.think_end_id = think_end_id
         self.steps_per_dispatch = steps_per_dispatch
+        # a decode step's attention reads the smallest of these prefixes of the cache that
+        # holds every running row (`_attend_len`), not all max_len slots: a server's cache is
+        # sized for its longest request. Transformers only (a recurrent model reads it all).
+        self.attend_buckets = (
+            slots.attend_buckets(max_len, attend_min) if isinstance(model, Model) else ()
+        )
         self.state = slots.init_state(model, max_slots, max_len, max_stop_ids)
         # placed (committed) where the weights are, as every later step's outputs will be: with
         # eager, uncommitted arrays the first `insert` compiled for them and again afterwards
@@ -443,7 +450,20 @@ class Engine:
             for i in range((per_call - 1).bit_length() + 1):
                 self._insert(self._prefill([(self.pad_id,)] * (1 << i), P), [])  # n = 0
                 shapes += 1
+        if all(run is None for run in self.slots):  # no row is active: the steps change nothing
+            for L in (*self.attend_buckets, None):
+                for k in sorted({1, self.steps_per_dispatch}):
+                    self.state, *_ = slots.generate(self.model, self.params, self.state, k, L)
+                    shapes += 1
         return shapes
+
+    def _attend_len(self) -> int | None:
+        """The smallest attend bucket above every running row's position through the block in
+        flight and the one about to be dispatched (up to steps_per_dispatch tokens each);
+        None (the whole cache) if no bucket is."""
+        top = max(r.pos + len(r.pending) for r in self.slots if r is not None)
+        top += 2 * self.steps_per_dispatch
+        return next((b for b in self.attend_buckets if b > top), None)
 
     def _prefill(self, contexts: list[tuple[int, ...]], P: int):
         """(cache rows, first logits) of contexts padded to bucket P, R rows (a power of two,
@@ -597,7 +617,8 @@ class Engine:
         dispatched = None
         if any(run is not None for run in self.slots):
             k = 1 if self.queue else self.steps_per_dispatch
-            self.state, *outputs = slots.generate(self.model, self.params, self.state, k)
+            L = self._attend_len()
+            self.state, *outputs = slots.generate(self.model, self.params, self.state, k, L)
             dispatched = (outputs, list(self.slots))
         if self._inflight:
             finished += self._read_back(*self._inflight)

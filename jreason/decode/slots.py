@@ -80,6 +80,16 @@ def init_state(model: Model, max_slots: int, max_len: int, max_stop_ids: int = 8
     )
 
 
+def attend_buckets(max_len: int, min_bucket: int = 256) -> tuple[int, ...]:
+    """Powers of two from min_bucket below max_len: the cache prefixes a decode step may read
+    (`generate`'s attend_len; max_len itself is the whole cache, attend_len None)."""
+    out, b = [], min_bucket
+    while 0 < b < max_len:
+        out.append(b)
+        b *= 2
+    return tuple(out)
+
+
 def prefill_buckets(max_len: int, min_bucket: int = 16) -> tuple[int, ...]:
     """Powers of two from min_bucket, then multiples of 512, and max_len itself."""
     out, b = [], min_bucket
@@ -239,7 +249,7 @@ def release(state: DecodeState, slot) -> DecodeState:
     return dataclasses.replace(state, active_b=_set(state.active_b, slot, False))
 
 
-def _generate_one(model: Model, params, state: DecodeState):
+def _generate_one(model: Model, params, state: DecodeState, attend_len: int | None = None):
     """One token per slot: (state, tokens (B,), logprobs (B,), done (B,), was_active (B,))."""
     max_len = model.cache_len(state.cache)
 
@@ -253,7 +263,8 @@ def _generate_one(model: Model, params, state: DecodeState):
 
     # feed the new token at its position; inactive rows feed at their frozen position, where
     # the row's next real token overwrites the entry before anything can attend to it
-    logits_b1v, cache = model.apply(params, tok_b[:, None], state.pos_b[:, None], state.cache)
+    kw = {} if attend_len is None else {"attend_len": attend_len}
+    logits_b1v, cache = model.apply(params, tok_b[:, None], state.pos_b[:, None], state.cache, **kw)
     n_b = state.n_b + active_b
     pos_b = state.pos_b + active_b
     stop_b = jnp.any(tok_b[:, None] == state.stop_bz, axis=-1)
@@ -270,8 +281,10 @@ def _generate_one(model: Model, params, state: DecodeState):
     return state, (tok_b, lp_b, done_b, active_b)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3), donate_argnums=2)
-def generate(model: Model, params, state: DecodeState, n_steps: int = 1):
+@functools.partial(jax.jit, static_argnums=(0, 3, 4), donate_argnums=2)
+def generate(
+    model: Model, params, state: DecodeState, n_steps: int = 1, attend_len: int | None = None
+):
     """n_steps tokens per slot: (state, tokens (k, B), logprobs (k, B), done (k, B),
     was_active (k, B)) with k = n_steps.
 
@@ -280,8 +293,12 @@ def generate(model: Model, params, state: DecodeState, n_steps: int = 1):
     for the rest of the k steps and keeps its pending logits so the scheduler can re-arm it
     where it stands. k > 1 is multi-step scheduling (as in vLLM): the host dispatches and reads
     back once per k tokens, which is most of a small model's step time on CPU.
+
+    `attend_len` (static, transformer models): attention reads only the cache's first
+    attend_len slots. Every active row must stay below it for all k steps: the caller picks it
+    from the rows' positions (Engine._attend_len); inactive rows' outputs are discarded anyway.
     """
     state, outputs = jax.lax.scan(
-        lambda st, _: _generate_one(model, params, st), state, None, length=n_steps
+        lambda st, _: _generate_one(model, params, st, attend_len), state, None, length=n_steps
     )
     return (state, *outputs)

@@ -94,6 +94,9 @@ class Attention(nnx.Module):
             # decode: batched matmuls straight on the cache layout (kv_cache.py)
             new_kv = kv_cache.write(kv, k_btkh, v_btkh, positions_bt)
             k_bkhs, v_bksh = new_kv["k"].astype(dt), new_kv["v"].astype(dt)
+            S_read = mask_bts.shape[-1]  # Decoder's attend_len: read only the first S_read slots
+            if k_bkhs.shape[-1] > S_read:
+                k_bkhs, v_bksh = k_bkhs[..., :S_read], v_bksh[:, :, :S_read]
             out_btnh = cached_attention(q_btnh, k_bkhs, v_bksh, mask_bts)
         else:
             # prefill / extend: the configured (e.g. fused cuDNN) kernel on (B, S, K, H) views
@@ -239,10 +242,13 @@ class Decoder(nnx.Module):
         head: bool = True,
         layer_params=None,
         head_dv=None,
+        attend_len: int | None = None,
     ):
         """(logits_btv, cache); `return_hidden` adds the final-norm'd h_btd; `head=False`
         returns (h_btd, cache) instead, for losses that apply the head chunk by chunk
-        (vocab_head.py)."""
+        (vocab_head.py). `attend_len` (static; one-token decode with a cache): attention reads
+        only the cache's first attend_len slots, which must hold every position the queries
+        see; writes still reach the whole cache."""
         cfg = self.cfg
         x_btd = self.embed_tokens(tokens_bt) if inputs_embeds_btd is None else inputs_embeds_btd
         x_btd = x_btd.astype(cfg.dtype)
@@ -252,7 +258,7 @@ class Decoder(nnx.Module):
         else:
             if segment_ids_bt is not None:
                 raise ValueError("segment_ids are for packed training rows; not with a cache")
-            S = kv_cache.cache_len(cache)
+            S = kv_cache.cache_len(cache) if attend_len is None else attend_len
             kv_positions_bs = jnp.broadcast_to(jnp.arange(S, dtype=positions_bt.dtype), (B, S))
             kv_segments_bs = None
         mask_bts = make_mask(

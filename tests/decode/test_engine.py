@@ -273,3 +273,38 @@ def test_admission_prefills_a_step_s_prompts_together(tiny, monkeypatch):
 def test_prefill_tokens_must_be_positive(tiny):
     with pytest.raises(ValueError, match="prefill_tokens=0"):
         _engine(tiny, prefill_tokens=0)
+
+
+def test_attention_reads_a_bucket_of_the_cache_and_stays_exact(tiny, monkeypatch):
+    """With attend buckets 8/16/32 below MAX_LEN 64, rows cross every bucket as they grow and
+    a short row runs beside a long one; greedy output must still be the full forward's."""
+    from jreason.decode import slots
+
+    model, params = tiny
+    used = []
+    generate = slots.generate
+
+    def spy(model, params, state, n_steps=1, attend_len=None):
+        used.append(attend_len)
+        return generate(model, params, state, n_steps, attend_len)
+
+    monkeypatch.setattr(slots, "generate", spy)
+    engine = _engine(tiny, max_slots=2, attend_min=8)
+    assert engine.attend_buckets == (8, 16, 32)
+    prompts = [[1, 5, 9], [2, 4], list(range(3, 17))]
+    n_new = [50, 6, 20]
+    ids = [engine.submit(Request(p, max_tokens=n)) for p, n in zip(prompts, n_new)]
+    results = engine.run_until_idle()
+    for rid, prompt, n in zip(ids, prompts, n_new):
+        assert results[rid].tokens == argmax_reference(model, params, prompt, n, length=MAX_LEN)
+    assert {16, 32, None} <= set(used)  # the long row went through the buckets to the whole cache
+
+
+def test_warmup_compiles_every_attend_bucket(tiny):
+    engine = _engine(tiny, max_slots=2, attend_min=8)
+    engine.warmup()
+    with count_compiles() as compiles:
+        rid = engine.submit(Request([1, 5, 9], max_tokens=50))  # crosses 16 and 32
+        engine.run_until_idle()
+    assert engine.results[rid].finish_reason == "length"
+    assert compiles == [], f"{len(compiles)} compilations after warmup"
