@@ -442,27 +442,38 @@ class Engine:
 
     def warmup(self) -> int:
         """Compiles `prefill` and `insert` for every (rows, bucket) shape admission can use
-        (rows: powers of two up to what one call holds), running each once on padding, so a
-        server's first requests wait for no compilation. Returns how many shapes it ran."""
+        (rows: powers of two up to what one call holds), running each once on padding, and
+        the decode step (`warmup_decode`), so a server's first requests wait for no
+        compilation. Returns how many shapes it ran."""
         shapes = 0
         for P in self.buckets:
             per_call = max(1, min(self.max_slots, self.prefill_tokens // P))
             for i in range((per_call - 1).bit_length() + 1):
                 self._insert(self._prefill([(self.pad_id,)] * (1 << i), P), [])  # n = 0
                 shapes += 1
-        if all(run is None for run in self.slots):  # no row is active: the steps change nothing
-            for L in (*self.attend_buckets, None):
-                for k in sorted({1, self.steps_per_dispatch}):
-                    self.state, *_ = slots.generate(self.model, self.params, self.state, k, L)
-                    shapes += 1
+        return shapes + self.warmup_decode()
+
+    def warmup_decode(self) -> int:
+        """Runs `generate` once for every attend bucket and block size k a step can pick, so
+        no row's growth past a bucket compiles mid-traffic. Only on an engine with no slot
+        occupied, where the steps change nothing (every row is inactive); returns how many
+        shapes it ran (0 otherwise)."""
+        if any(run is not None for run in self.slots):
+            return 0
+        shapes = 0
+        for attend_len in (*self.attend_buckets, None):
+            for k in sorted({1, self.steps_per_dispatch}):
+                self.state, *_ = slots.generate(self.model, self.params, self.state, k, attend_len)
+                shapes += 1
         return shapes
 
     def _attend_len(self) -> int | None:
         """The smallest attend bucket above every running row's position through the block in
         flight and the one about to be dispatched (up to steps_per_dispatch tokens each);
         None (the whole cache) if no bucket is."""
-        top = max(r.pos + len(r.pending) for r in self.slots if r is not None)
-        top += 2 * self.steps_per_dispatch
+        # `pending` is fed by `extend` before any dispatch (_advance), so `pos` is the device's
+        # position but for the block in flight
+        top = max(r.pos for r in self.slots if r is not None) + 2 * self.steps_per_dispatch
         return next((b for b in self.attend_buckets if b > top), None)
 
     def _prefill(self, contexts: list[tuple[int, ...]], P: int):
@@ -617,8 +628,10 @@ class Engine:
         dispatched = None
         if any(run is not None for run in self.slots):
             k = 1 if self.queue else self.steps_per_dispatch
-            L = self._attend_len()
-            self.state, *outputs = slots.generate(self.model, self.params, self.state, k, L)
+            attend_len = self._attend_len()
+            self.state, *outputs = slots.generate(
+                self.model, self.params, self.state, k, attend_len
+            )
             dispatched = (outputs, list(self.slots))
         if self._inflight:
             finished += self._read_back(*self._inflight)

@@ -23,8 +23,9 @@ Slots are cache rows. Because slot index == position (kv_cache.py), a new contex
 just restarts at position 0: the stale entries of the previous one are beyond the new positions,
 invisible by causality, and overwritten before they could be seen.
 
-Every shape is fixed by (max_slots, max_len, the prefill buckets, max_stop_ids), and every
-per-request setting is an array, so nothing recompiles in steady state.
+Every shape is fixed by (max_slots, max_len, the prefill buckets, max_stop_ids, the attend
+buckets and the block size k), and every per-request setting is an array, so nothing
+recompiles in steady state.
 
 Sampling is reproducible per request: the key of sampled token i of a request is
 `fold_in(key(seed), i)`, so tokens do not depend on the slot a request lands in, on what else is

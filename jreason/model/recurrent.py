@@ -476,10 +476,11 @@ def truncated_recurrence(core: Core, s_btd, e_btd, positions_bt, mask_bts, rope,
         # under reverse mode compiles noticeably slower for the compute it would save
         return jnp.where(j >= first_active, step(state, s_btd, e_btd), s_btd), None
 
-    # unrolled: a rolled scan stacks each iteration's residuals for the backward pass into
-    # (k, ...) buffers with dynamic-update-slices (tiny-recurrent's SFT step 0.83 -> 0.69 s on
-    # 2 cores); k is small (8 by default), so the unrolled program stays small
-    return jax.lax.scan(body, s_btd, jnp.arange(k), unroll=True)[0]
+    # unrolled when the core's layers are (scan_layers false: a small model): a rolled scan
+    # stacks each iteration's residuals for the backward pass into (k, ...) buffers with
+    # dynamic-update-slices (tiny-recurrent's SFT step 0.83 -> 0.69 s on 2 cores); a large
+    # core keeps the rolled scan, which compiles one iteration instead of k
+    return jax.lax.scan(body, s_btd, jnp.arange(k), unroll=not core.scan)[0]
 
 
 # ----------------------------------------------------------------------------------------------

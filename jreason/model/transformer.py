@@ -93,10 +93,11 @@ class Attention(nnx.Module):
         elif q_btnh.shape[1] == 1 or cfg.attention_impl == "reference":
             # decode: batched matmuls straight on the cache layout (kv_cache.py)
             new_kv = kv_cache.write(kv, k_btkh, v_btkh, positions_bt)
-            k_bkhs, v_bksh = new_kv["k"].astype(dt), new_kv["v"].astype(dt)
+            k_bkhs, v_bksh = new_kv["k"], new_kv["v"]
             S_read = mask_bts.shape[-1]  # Decoder's attend_len: read only the first S_read slots
             if k_bkhs.shape[-1] > S_read:
                 k_bkhs, v_bksh = k_bkhs[..., :S_read], v_bksh[:, :, :S_read]
+            k_bkhs, v_bksh = k_bkhs.astype(dt), v_bksh.astype(dt)
             out_btnh = cached_attention(q_btnh, k_bkhs, v_bksh, mask_bts)
         else:
             # prefill / extend: the configured (e.g. fused cuDNN) kernel on (B, S, K, H) views
@@ -258,6 +259,11 @@ class Decoder(nnx.Module):
         else:
             if segment_ids_bt is not None:
                 raise ValueError("segment_ids are for packed training rows; not with a cache")
+            if attend_len is not None and tokens_bt.shape[1] > 1:
+                raise ValueError(
+                    f"attend_len={attend_len} is for one-token decode steps, got "
+                    f"{tokens_bt.shape[1]} tokens per row"
+                )
             S = kv_cache.cache_len(cache) if attend_len is None else attend_len
             kv_positions_bs = jnp.broadcast_to(jnp.arange(S, dtype=positions_bt.dtype), (B, S))
             kv_segments_bs = None

@@ -535,10 +535,13 @@ def create_app(engine, tokenizer, opts: ServeOptions, model_name: str):
 
 
 def warmup(engine) -> float:
-    """Compiles the engine's step before the first client waits for it; returns seconds."""
+    """Compiles the engine's step before the first client waits for it, for every attend
+    bucket (a long request crossing one would otherwise compile mid-traffic); returns
+    seconds."""
     from jreason.decode.engine import Request
 
     t0 = time.perf_counter()
+    engine.warmup_decode()
     rid = engine.submit(Request([engine.pad_id + 1], max_tokens=2))
     engine.run_until_idle()
     engine.results.pop(rid, None)

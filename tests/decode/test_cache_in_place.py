@@ -18,10 +18,9 @@ from jreason.decode.engine import Engine
 MAX_LEN = 48
 
 
-def _cache_copies(engine: Engine, n_steps: int) -> list[str]:
-    hlo = (
-        slots.generate.lower(engine.model, engine.params, engine.state, n_steps).compile().as_text()
-    )
+def _cache_copies(engine: Engine, n_steps: int, attend_len: int | None = None) -> list[str]:
+    lowered = slots.generate.lower(engine.model, engine.params, engine.state, n_steps, attend_len)
+    hlo = lowered.compile().as_text()
     shapes = {"[" + ",".join(map(str, x.shape)) + "]" for x in jax.tree.leaves(engine.state.cache)}
     copies = re.findall(r"= \w+(\[[0-9,]*\])\{[0-9,]*\} copy\(", hlo)
     return [c for c in copies if c in shapes]
@@ -29,10 +28,11 @@ def _cache_copies(engine: Engine, n_steps: int) -> list[str]:
 
 @pytest.mark.parametrize("max_slots", [1, 3])
 @pytest.mark.parametrize("n_steps", [1, 4])
-def test_decode_step_writes_the_cache_in_place(tiny, max_slots, n_steps):
+@pytest.mark.parametrize("attend_len", [None, 16])  # the whole cache, or a prefix of it
+def test_decode_step_writes_the_cache_in_place(tiny, max_slots, n_steps, attend_len):
     model, params = tiny
     engine = Engine(model, params, max_slots=max_slots, max_len=MAX_LEN)
-    assert _cache_copies(engine, n_steps) == []
+    assert _cache_copies(engine, n_steps, attend_len) == []
 
 
 def test_recurrent_one_slot_step_copies_no_more_than_three_slots():

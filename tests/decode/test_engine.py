@@ -276,8 +276,9 @@ def test_prefill_tokens_must_be_positive(tiny):
 
 
 def test_attention_reads_a_bucket_of_the_cache_and_stays_exact(tiny, monkeypatch):
-    """With attend buckets 8/16/32 below MAX_LEN 64, rows cross every bucket as they grow and
-    a short row runs beside a long one; greedy output must still be the full forward's."""
+    """With attend buckets 8/16/32 under MAX_LEN 64, a long row grows from the 16 bucket
+    through 32 to the whole cache beside short ones (8 is never picked: the margin for two
+    blocks of 4 steps is already 8); greedy output must still be the full forward's."""
     from jreason.decode import slots
 
     model, params = tiny
@@ -308,3 +309,11 @@ def test_warmup_compiles_every_attend_bucket(tiny):
         engine.run_until_idle()
     assert engine.results[rid].finish_reason == "length"
     assert compiles == [], f"{len(compiles)} compilations after warmup"
+
+
+def test_attend_len_is_refused_for_more_than_one_token(tiny):
+    model, params = tiny
+    cache = model.init_cache(1, MAX_LEN)
+    tokens, positions = np.array([[1, 2]]), np.array([[0, 1]])
+    with pytest.raises(ValueError, match="attend_len=16 is for one-token decode steps"):
+        model.apply(params, tokens, positions, cache, attend_len=16)

@@ -274,13 +274,15 @@ def main(argv=None):
         type=int,
         default=None,
         help="the engine's cache length per slot (default: prompt + new tokens, the job's "
-        "length); a server's is its context length, which every decode step reads",
+        "length); a server's is its context length",
     )
     ap.add_argument("--cpu-threads", type=int, default=None, help="XLA:CPU pool size (jreason)")
     ap.add_argument(
         "--torch-threads", type=int, default=None, help="torch.set_num_threads (default: cores)"
     )
     args = ap.parse_args(argv)
+    if args.engine_cache is not None and args.engine_cache < PROMPT_LEN + NEW_TOKENS:
+        ap.error(f"--engine-cache {args.engine_cache}: must hold {PROMPT_LEN + NEW_TOKENS} tokens")
     import torch
 
     from jreason import cpu_threads
