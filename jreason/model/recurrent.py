@@ -17,8 +17,9 @@ attention, MLP, rope and masks are the code every other model here runs. What is
   so E[tau] = mean and E[r] = mean + 1 (the `+ 1` only keeps r >= 1).
 - Truncated backprop: only the last k = `backprop_depth` iterations get gradients. The first
   max(r - k, 0) run in a `lax.fori_loop` with a traced trip count (a while loop) on
-  stop-gradient'd params, which JAX never differentiates; the last k are an unrolled `lax.scan` of
-  static length k whose step j counts (`jnp.where`) iff j >= k - min(r, k). r is therefore a traced
+  stop-gradient'd params, which JAX never differentiates; the last k are a `lax.scan` of static
+  length k (unrolled when `scan_layers` is false) whose step j counts (`jnp.where`) iff
+  j >= k - min(r, k). r is therefore a traced
   int32 and no value of it ever recompiles the step.
 - s_0 is drawn per token from `fold_in(key, position)`: a token's initial state depends on its
   position, not on how the sequence was split into prefill and decode calls, which is what
