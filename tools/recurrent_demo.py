@@ -1,27 +1,28 @@
 """Recurrent depth at test time: accuracy vs core iterations r, and adaptive exit (issue 7).
 
-Trains (or reuses) the tiny recurrent-depth model of `configs/sft/recurrent_demo.yaml` on
-variable tracking (`var_chain` with `ask_all`: three chains of chained assignments from their
-numbers, every variable asked and answered with no written reasoning, so every hop happens inside
-the forward pass), then decodes the same held-out problems greedily at fixed depths r and with
-adaptive exit (a token stops iterating when the KL between successive iterates' output
-distributions is below a threshold, capped at the largest r). Prints the table (accuracy: every
-pair right; variables: asked variables given their value, overall and by the hop count of each
-one's own chain; and the core iterations per generated token), plots accuracy vs r, and with
-`--record` appends both (and the plot's path) to RESULTS.md.
+Trains (or reuses) the tiny recurrent-depth model of `configs/sft/recurrent_demo.yaml` on the
+permutation walk (`perm_walk`: where a start state ends up after a word of fixed moves, answered
+with no written reasoning, so every move is composed inside the forward pass), then decodes the
+same held-out problems greedily at fixed depths r and with adaptive exit (a token stops
+iterating when the KL between successive iterates' output distributions is below a threshold,
+capped at the largest r). Prints the table (accuracy overall and by word length, and the core
+iterations per generated token), plots accuracy vs r, and with `--record` appends both (and the
+plot's path) to RESULTS.md.
 
-Training is a hop curriculum (`--stages`, default `STAGES`): a tiny model learns the lookup
-itself far sooner from 0-1 hop problems than from 0-2 hop ones (0-2 hops from scratch: 0 hops
-still at 49% after 1800 steps; 0-1 hops: 89% after 2000), and two hops only once one hop
-works. Each stage is a run of its own (`RUN_DIR/stage<i>`) that resumes if interrupted.
+Training is a curriculum of word lengths (`--stages MAX:STEPS ...`, default `STAGES`): words of
+up to 8 moves, which the model learns to compose mostly within one pass through its layers,
+then up to 12, which need more depth than one pass has. Each stage is a run of its own
+(`RUN_DIR/stage<i>`, from the previous stage's export with a fresh optimizer, seed i) that
+resumes if interrupted; the evaluation uses the last stage's problems.
 
-    python tools/recurrent_demo.py                       # train (~65 min on 2 cores) + evaluate
+    python tools/recurrent_demo.py                       # train (~35 min on 2 cores) + evaluate
     python tools/recurrent_demo.py --skip-train --record # re-evaluate runs/recurrent_demo
 
-The same evaluation from the CLI, one depth at a time:
-    jreason eval --model runs/recurrent_demo/stage2/export --task var_chain \\
-        --knob min_hops=0 --knob max_hops=2 --knob distractors=2 --knob letters=9 \\
-        --knob spaced=true --knob instructions=false --knob ask_all=true --recurrence 8
+`--config` takes another SFT config on `perm_walk` or `var_chain` (variable tracking, where a
+stage's MAX sets `max_hops` and the table also scores each asked variable by its hop count;
+RESULTS.md has that earlier attempt). The same evaluation from the CLI, one depth at a time:
+    jreason eval --model runs/recurrent_demo/stage1/export --task perm_walk --knob max_steps=12 \\
+        --knob instructions=false --recurrence 8
 """
 
 from __future__ import annotations
@@ -36,12 +37,23 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 CONFIG = REPO / "configs" / "sft" / "recurrent_demo.yaml"
-# 0-1 hops until the lookup is learned (0 hops solved, 1 hop well above chance), then 0-2
-STAGES = ("1:2000", "1:1500", "2:1500")
+# words of up to 8 moves (composed within about one pass), then up to 12 (more depth than that)
+STAGES = ("8:1500", "12:1500")
+# per task: the knob a stage's MAX sets, what a hop is called in the table, the matching min knob
+HOPS = {
+    "perm_walk": ("max_steps", "moves", "min_steps"),
+    "var_chain": ("max_hops", "hops", "min_hops"),
+}
 
 
-def asked(prompt: str) -> list[tuple[str, int, str]]:
-    """(variable, hops, value) of every asked variable, resolved by following the statements."""
+def asked(prompt: str, answer: str) -> list[tuple[str, int, str]]:
+    """(variable, hops, value) of every asked variable, resolved by following the statements.
+
+    A perm_walk problem is one unnamed question whose "hops" are its moves."""
+    if prompt.lstrip().startswith("Walk:"):
+        from jreason.data.tasks.perm_walk import parse_walk
+
+        return [("", len(parse_walk(prompt)[1]), answer)]
     body, question = prompt.split("What is", 1)
     table = dict(re.findall(r"(\w) ?= ?(\w)", body))
     if question.strip().startswith("each"):  # ask_all: every variable, alphabetically
@@ -71,8 +83,8 @@ def predicted(text: str, names: list[str]) -> dict[str, str]:
 
 
 def task_label(cfg) -> str:
-    k = cfg.data.task_knobs
-    return f"{cfg.data.task}, {k.get('min_hops', 1)}-{k.get('max_hops', 6)} hops"
+    k, (hi, unit, lo) = cfg.data.task_knobs, HOPS[cfg.data.task]
+    return f"{cfg.data.task}, {k.get(lo, 1)}-{k.get(hi, 6 if unit == 'hops' else 8)} {unit}"
 
 
 def evaluate(export: Path, cfg, depths, thresholds, n: int) -> list[dict]:
@@ -89,7 +101,9 @@ def evaluate(export: Path, cfg, depths, thresholds, n: int) -> list[dict]:
     task = get_task(cfg.data.task, **cfg.data.task_knobs)
     examples = pipeline.eval_examples(cfg.data, n)
     prompts = eval_prompts(cfg, tokenizer, examples)
-    ex_asked = [asked(ex.prompt) for ex in examples]
+    ex_asked = [asked(ex.prompt, ex.answer) for ex in examples]
+    unit = HOPS[cfg.data.task][1]
+    single = all(len(a) == 1 for a in ex_asked)  # one question per problem: variables = accuracy
     all_hops = sorted({h for a in ex_asked for _, h, _ in a})
     runs = [(f"r = {r}", model.with_depth(r)) for r in depths]
     runs += [
@@ -112,7 +126,7 @@ def evaluate(export: Path, cfg, depths, thresholds, n: int) -> list[dict]:
             pred = predicted(text, [var for var, _, _ in a])
             for var, h, value in a:
                 right[h].append(pred.get(var) == value)
-        by_hops = {f"{h} hops": sum(v) / len(v) for h, v in right.items()}
+        by_hops = {f"{h} {unit}": sum(v) / len(v) for h, v in right.items()}
         variables = sum(map(sum, right.values())) / sum(map(len, right.values()))
         steps = sum(o["mean_steps"] * len(o["tokens"]) for o in outs) / sum(
             len(o["tokens"]) for o in outs
@@ -122,27 +136,28 @@ def evaluate(export: Path, cfg, depths, thresholds, n: int) -> list[dict]:
             "depth": m.decode_steps,
             "adaptive": m.exit_threshold is not None,
             "accuracy": acc / len(examples),
-            "variables": variables,
+            **({} if single else {"variables": variables}),
             **by_hops,
             "iterations/token": steps,
             "seconds": time.perf_counter() - t0,
         })  # fmt: skip
         per = "  ".join(f"{k} {v:6.1%}" for k, v in by_hops.items())
         print(
-            f"{name:32s} accuracy {acc / len(examples):6.1%}  variables {variables:6.1%}  "
-            f"({per})  iterations/token {steps:5.2f}"
+            f"{name:32s} accuracy {acc / len(examples):6.1%}  "
+            + ("" if single else f"variables {variables:6.1%}  ")
+            + f"({per})  iterations/token {steps:5.2f}"
         )
     return rows
 
 
 def parse_stage(text: str) -> tuple[int, int]:
-    """'MAX_HOPS:STEPS' -> (max_hops, steps); anything else is refused, quoting it."""
+    """'MAX:STEPS' -> (max moves or hops, steps); anything else is refused, quoting it."""
     try:
         hops, steps = (int(x) for x in text.split(":"))
     except ValueError:
-        raise SystemExit(f"--stages: expected MAX_HOPS:STEPS (e.g. 1:2000), got {text!r}") from None
+        raise SystemExit(f"--stages: expected MAX:STEPS (e.g. 8:1500), got {text!r}") from None
     if hops < 0 or steps < 1:
-        raise SystemExit(f"--stages: need MAX_HOPS >= 0 and STEPS >= 1, got {text!r}")
+        raise SystemExit(f"--stages: need MAX >= 0 and STEPS >= 1, got {text!r}")
     return hops, steps
 
 
@@ -153,15 +168,17 @@ def plot(rows: list[dict], path: Path, label: str = "var_chain") -> None:
     import matplotlib.pyplot as plt
 
     fixed = [r for r in rows if not r["adaptive"]]
+    key = "variables" if "variables" in rows[0] else "accuracy"  # what the adaptive points show
+    curves = [("variables", "o-", "variables right"), ("accuracy", "^--", "all right")]
+    if key == "accuracy":  # one question per problem: a curve per word length instead
+        curves = [(k, "o-", k) for k in rows[0] if k.endswith(" moves")][1::2]
+        curves.append(("accuracy", "^--", "all"))
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for key, style, curve in (
-        ("variables", "o-", "variables right"),
-        ("accuracy", "^--", "all right"),
-    ):
-        ax.plot([r["depth"] for r in fixed], [r[key] for r in fixed], style, label=curve)
+    for col, style, curve in curves:
+        ax.plot([r["depth"] for r in fixed], [r[col] for r in fixed], style, label=curve)
     for r in rows:
         if r["adaptive"]:
-            ax.plot(r["iterations/token"], r["variables"], "s", label=r["decoding"])
+            ax.plot(r["iterations/token"], r[key], "s", label=r["decoding"])
     ax.set_xlabel("core iterations per token")
     ax.set_ylabel("held-out accuracy")
     ax.set_title(f"{label}: accuracy vs test-time depth")
@@ -172,14 +189,15 @@ def plot(rows: list[dict], path: Path, label: str = "var_chain") -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=str(CONFIG.relative_to(REPO)), help="the SFT config")
     ap.add_argument("--run-dir", default="runs/recurrent_demo")
     ap.add_argument("--skip-train", action="store_true", help="reuse run_dir/export")
     ap.add_argument(
         "--stages",
         nargs="+",
         default=list(STAGES),
-        metavar="MAX_HOPS:STEPS",
-        help="the hop curriculum: stage i trains STEPS steps on 0..MAX_HOPS-hop problems in "
+        metavar="MAX:STEPS",
+        help="the curriculum: stage i trains STEPS steps on problems of up to MAX moves (hops) in "
         "RUN_DIR/stage<i>, from stage i-1's export (fresh optimizer, seed i); the evaluation "
         f"uses the last stage's problems (default: {' '.join(STAGES)})",
     )
@@ -194,16 +212,19 @@ def main(argv=None) -> int:
     from jreason.train.sft import train
 
     run_dir, prev, cfg = Path(args.run_dir), None, None
+    task = load_train_config(args.config, []).data.task
+    if task not in HOPS:
+        raise SystemExit(f"--config: task {task!r} has no hop knob here; use one of {sorted(HOPS)}")
     for i, (hops, steps) in enumerate(map(parse_stage, args.stages)):
         overrides = [
             f"run_dir={run_dir / f'stage{i}'}",
             f"steps={steps}",
-            f"data.task_knobs.max_hops={hops}",
+            f"data.task_knobs.{HOPS[task][0]}={hops}",
             f"seed={i}",
         ]
         if prev is not None:  # the previous stage's model and tokenizer, a short warm-up
             overrides += [f"model.init_from={prev}", "optim.warmup_steps=20"]
-        cfg = load_train_config(CONFIG, overrides)
+        cfg = load_train_config(args.config, overrides)
         prev = Path(cfg.run_dir) / "export"
         if not args.skip_train:
             train(cfg)
@@ -223,7 +244,7 @@ def record(rows: list[dict], command: str, label: str, plot_path: str) -> None:
     from common import markdown_table
 
     table = [
-        {k: (f"{v:.1%}" if k in ("accuracy", "variables") or k.endswith("hops")
+        {k: (f"{v:.1%}" if k in ("accuracy", "variables") or k.endswith(("hops", "moves"))
              else f"{v:.2f}" if isinstance(v, float) else v)
          for k, v in r.items() if k not in ("depth", "adaptive")}
         for r in rows

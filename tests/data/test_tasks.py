@@ -7,6 +7,7 @@ from collections import Counter
 from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -58,6 +59,8 @@ def test_ill_typed_knob_names_it_and_the_allowed_ones(name, knobs, bad):
         ("arithmetic", {"num_operands": 1}, "num_operands"),
         ("countdown", {"min_target": 50, "max_target": 10}, "max_target"),
         ("running_sum", {"modulus": 1}, "modulus"),
+        ("perm_walk", {"states": 11}, "states"),
+        ("perm_walk", {"min_steps": 4, "max_steps": 2}, "max_steps"),
     ],
 )
 def test_out_of_range_knob_names_it(name, knobs, bad):
@@ -462,3 +465,45 @@ def test_var_chain_spaced_format_and_letter_pool():
         get_task("var_chain", max_hops=4, distractors=1, letters=8)
     with pytest.raises(ValueError, match="letters must be <= 26"):
         get_task("var_chain", letters=27)
+
+
+# --- perm_walk ------------------------------------------------------------------------------
+
+
+def test_perm_walk_answer_composes_the_fixed_permutations():
+    """The answer is the start state pushed through every move's permutation in order; the
+    moves are permutations (none the identity), fixed by table_seed whatever the data seed."""
+    task = get_task("perm_walk", states=6, moves=4, min_steps=2, max_steps=7, instructions=False)
+    table = task.table
+    assert table.shape == (4, 6)
+    for row in table:
+        assert sorted(row) == list(range(6)) and list(row) != list(range(6))
+    assert (get_task("perm_walk", states=6, moves=4).table == table).all()
+    assert not (get_task("perm_walk", states=6, moves=4, table_seed=1).table == table).all()
+    steps_seen = set()
+    for ex in task.generate(seed=2, n=80):
+        start, *word = ex.prompt.removeprefix("Walk: ").removesuffix(" .").split()
+        # composition as one permutation matrix product, not a step-by-step walk
+        perm = np.eye(6, dtype=int)
+        for letter in word:
+            perm = np.eye(6, dtype=int)[:, table["abcd".index(letter)]] @ perm  # e_i -> e_p(i)
+        assert ex.answer == str(int(np.argmax(perm[:, int(start)])))
+        steps_seen.add(len(word))
+        assert task.score(f"\\boxed{{{ex.answer}}}", ex.answer) == 1.0
+        assert task.score(f"\\boxed{{{(int(ex.answer) + 1) % 6}}}", ex.answer) == 0.0
+    assert steps_seen == set(range(2, 8))
+    shown = next(get_task("perm_walk", show_work=True).generate(seed=0, n=1))
+    assert shown.reasoning.split()[-1] == shown.answer
+
+
+def test_perm_walk_default_moves_generate_s5():
+    """The demo's moves (3 permutations of 5 states, table_seed 0) generate the whole symmetric
+    group S5 (non-solvable: the word problem the recurrent-depth demo relies on), counted by
+    closing the identity under the moves."""
+    table = get_task("perm_walk").table
+    group, frontier = {tuple(range(5))}, [tuple(range(5))]
+    while frontier:
+        reached = {tuple(int(m[i]) for i in g) for g in frontier for m in table}
+        frontier = list(reached - group)
+        group |= reached
+    assert len(group) == 120

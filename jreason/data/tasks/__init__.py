@@ -15,6 +15,7 @@ from jreason.config import ConfigError, from_dict
 from jreason.data.tasks.arithmetic import ArithmeticConfig, ArithmeticTask
 from jreason.data.tasks.base import Example, Task
 from jreason.data.tasks.countdown import CountdownConfig, CountdownTask
+from jreason.data.tasks.perm_walk import PermWalkConfig, PermWalkTask
 from jreason.data.tasks.prosqa import ProsQAConfig, ProsQATask
 from jreason.data.tasks.running_sum import RunningSumConfig, RunningSumTask
 from jreason.data.tasks.var_chain import VarChainConfig, VarChainTask
@@ -22,6 +23,7 @@ from jreason.data.tasks.var_chain import VarChainConfig, VarChainTask
 _ALL: tuple[type[Task], ...] = (
     ArithmeticTask,
     CountdownTask,
+    PermWalkTask,
     ProsQATask,
     RunningSumTask,
     VarChainTask,
@@ -55,6 +57,8 @@ __all__ = [
     "CountdownConfig",
     "CountdownTask",
     "Example",
+    "PermWalkConfig",
+    "PermWalkTask",
     "ProsQAConfig",
     "ProsQATask",
     "RunningSumConfig",
