@@ -9,9 +9,10 @@ most `max_chunks` chunks. So attention cost per token and the per-slot cache sta
 query + C however long the model thinks, which is what lets a short-context model think far
 past its window.
 
-Rebuilding is cheap: the query and the kept head occupy the same positions in every chunk, so
-their cache entries stay valid and only the carried tail is re-encoded at its new positions
-(engine.py). This module holds the rule (pure functions on token lists); the engine's scheduler
+Rebuilding is cheap: the engine prefills the new contexts of every row that resets in the same
+scheduler step in one batched call (engine.py); as the query and the kept head occupy the same
+positions in every chunk, a context too long for a prefill bucket re-encodes only its carried
+tail. This module holds the rule (pure functions on token lists); the engine's scheduler
 applies it between device segments, and the same engine serves inference, the HTTP server and
 RL rollouts (which train on each chunk's context, tokens and logprobs: `Result.chunks`).
 """

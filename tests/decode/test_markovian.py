@@ -275,3 +275,40 @@ def test_accepted_request_whose_reset_context_exceeds_the_buckets_runs(tiny):
     except ValueError:
         return  # rejecting it up front is a correct answer too
     assert len(engine.run_until_idle()[rid].chunks) > 1
+
+
+class _CountingEngine(Engine):
+    """Records the contexts of every prefill call and the blocks read back with no slot active."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prefills, self.idle_blocks = [], 0
+
+    def _prefill(self, contexts, P):
+        self.prefills.append(len(contexts))
+        return super()._prefill(contexts, P)
+
+    def _read_back(self, outputs, snapshot, k):
+        self.idle_blocks += int(not np.asarray(jax.device_get(outputs[3])).any())
+        return super()._read_back(outputs, snapshot, k)
+
+
+def test_lockstep_resets_are_prefilled_together_and_no_block_idles(tiny, full_logits):
+    """Two rows that reset at the same step: every reset round is one prefill of both new
+    contexts (not a call per row), and no block is dispatched while every slot would sit
+    parked in it (the host reads back first when every budget ends in the block in flight).
+    The traces still equal the from-scratch reference."""
+    model, params = tiny
+    engine = _CountingEngine(model, params, max_slots=MAX_SLOTS, max_len=MAX_LEN, buckets=BUCKETS)
+    mk = MarkovianConfig(chunk_size=16)  # carryover 8: 16 new tokens, then 8 per chunk
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8, 2, 8, 1, 8]]
+    rids = [engine.submit(Request(p, max_tokens=40, markovian=mk)) for p in prompts]
+    results = engine.run_until_idle()
+    for rid, prompt in zip(rids, prompts):
+        trace, contexts, _ = markovian_reference(full_logits, prompt, 16, 0, 8, 8, 40)
+        assert results[rid].tokens == trace
+        assert [c.context for c in results[rid].chunks] == contexts
+    n_chunks = len(results[rids[0]].chunks)
+    assert n_chunks == 4  # 16 + 8 + 8 + 8 = 40 tokens
+    assert engine.prefills == [2] * n_chunks  # admission, then one call per reset round
+    assert engine.idle_blocks == 0
