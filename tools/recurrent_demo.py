@@ -83,8 +83,11 @@ def predicted(text: str, names: list[str]) -> dict[str, str]:
 
 
 def task_label(cfg) -> str:
-    k, (hi, unit, lo) = cfg.data.task_knobs, HOPS[cfg.data.task]
-    return f"{cfg.data.task}, {k.get(lo, 1)}-{k.get(hi, 6 if unit == 'hops' else 8)} {unit}"
+    from jreason.data.tasks import get_task
+
+    hi, unit, lo = HOPS[cfg.data.task]
+    knobs = get_task(cfg.data.task, **cfg.data.task_knobs).config  # the task's defaults filled in
+    return f"{cfg.data.task}, {getattr(knobs, lo)}-{getattr(knobs, hi)} {unit}"
 
 
 def evaluate(export: Path, cfg, depths, thresholds, n: int) -> list[dict]:
