@@ -22,7 +22,7 @@ resumes if interrupted; the evaluation uses the last stage's problems.
 stage's MAX sets `max_hops` and the table also scores each asked variable by its hop count;
 RESULTS.md has that earlier attempt). The same evaluation from the CLI, one depth at a time:
     jreason eval --model runs/recurrent_demo/stage1/export --task perm_walk --knob max_steps=12 \\
-        --knob instructions=false --recurrence 8
+        --knob instructions=false --recurrence 8 --out runs/recurrent_demo/eval8
 """
 
 from __future__ import annotations
