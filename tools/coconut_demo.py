@@ -72,6 +72,10 @@ def parse_args(argv=None):
         "--branching", type=int, default=2,
         help="out-edges per path node (1: a plain chain, no dead ends to search past)",
     )  # fmt: skip
+    p.add_argument(
+        "--terse", action="store_true",
+        help="facts and steps as `X Y` lines, not `Every X is a Y.` (a plain induction lookup)",
+    )  # fmt: skip
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--eval", type=int, default=256, help="held-out problems")
@@ -159,6 +163,7 @@ def main(argv=None) -> int:
         min_hops=args.min_hops,
         max_hops=args.max_hops,
         branching=args.branching,
+        terse=args.terse,
         side_len=1,
         instructions=False,
     )

@@ -78,3 +78,23 @@ def test_verifier():
 def test_bad_knobs_name_themselves(knobs, key):
     with pytest.raises(ValueError, match=key):
         get_task("prosqa", **knobs)
+
+
+def test_terse_states_the_same_graph_and_path_as_sentences():
+    """`terse`: every fact and step is `X Y` instead of `Every X is a Y.`; the same seed draws the
+    same problem, so reading the terse lines back gives the sentence form's edges, path and
+    answer."""
+    knobs = {"min_hops": 2, "max_hops": 3, "branching": 2, "instructions": False}
+    sentences = get_task("prosqa", **knobs).generate(seed=4, n=30)
+    terse = get_task("prosqa", terse=True, **knobs).generate(seed=4, n=30)
+    for ex, short in zip(sentences, terse):
+        facts = re.findall(r"^Every (\w+) is a (\w+)\.$", ex.prompt, re.MULTILINE)
+        assert re.findall(r"^(\w+) (\w+)$", short.prompt, re.MULTILINE) == facts
+        assert "Every" not in short.prompt + short.reasoning
+        assert short.prompt.splitlines()[-1] == ex.prompt.splitlines()[-1]  # the question
+        steps = [tuple(line.split()) for line in short.reasoning.splitlines()]
+        assert steps == [
+            re.fullmatch(r"Every (\w+) is a (\w+)\.", line).groups()
+            for line in ex.reasoning.splitlines()
+        ]
+        assert short.answer == ex.answer

@@ -51,6 +51,10 @@ class ProsQAConfig:
     side_len: int = 2  # a dead-end branch has 1 .. side_len nodes
     cross_edge: bool = True  # one edge from the distractor chain into A's component
     instructions: bool = True  # False: facts and question only (for tiny models)
+    # `X Y` lines instead of `Every X is a Y.`: the next concept is the token after the current
+    # one's earlier occurrence, a plain induction-head lookup a tiny model from scratch can learn
+    # (it did not learn the three-tokens-back match of the sentence form in a CPU demo's steps)
+    terse: bool = False
 
     def __post_init__(self):
         check_int(self, "min_hops", 1)
@@ -66,8 +70,8 @@ class ProsQAConfig:
             )
 
 
-def fact(u: str, v: str) -> str:
-    return f"Every {u} is a {v}."
+def fact(u: str, v: str, terse: bool = False) -> str:
+    return f"{u} {v}" if terse else f"Every {u} is a {v}."
 
 
 def reachable(edges: list[tuple[str, str]], start: str) -> set[str]:
@@ -85,12 +89,14 @@ def reachable(edges: list[tuple[str, str]], start: str) -> set[str]:
 
 
 def parse_facts(prompt: str) -> list[tuple[str, str]]:
-    """The (X, Y) edges of every `Every X is a Y.` line of a prompt."""
+    """The (X, Y) edges of every `Every X is a Y.` (or terse `X Y`) line of a prompt."""
     edges = []
     for line in prompt.splitlines():
         words = line.rstrip(".").split()
         if len(words) == 5 and words[0] == "Every" and words[2:4] == ["is", "a"]:
             edges.append((words[1], words[4]))
+        elif len(words) == 2 and all(w in NAMES for w in words):
+            edges.append((words[0], words[1]))
     return edges
 
 
@@ -117,7 +123,7 @@ class ProsQATask(Task):
             edges.append((u, component[int(rng.integers(len(component)))]))
         answer, other = path[-1], chain[-1]
         options = [answer, other] if rng.integers(2) else [other, answer]
-        facts = [fact(u, v) for u, v in (edges[i] for i in rng.permutation(len(edges)))]
+        facts = [fact(u, v, cfg.terse) for u, v in (edges[i] for i in rng.permutation(len(edges)))]
         question = f"Question: Is {path[0]} a {options[0]} or a {options[1]}?"
         prompt = "\n".join(facts) + "\n" + question
         if cfg.instructions:
@@ -125,7 +131,7 @@ class ProsQATask(Task):
                 "Each line below is a fact about made-up concepts; `is a` carries along chains "
                 "of facts.\n\n" + prompt + f"\n\n{ANSWER_INSTRUCTION}"
             )
-        reasoning = "\n".join(fact(u, v) for u, v in zip(path, path[1:]))
+        reasoning = "\n".join(fact(u, v, cfg.terse) for u, v in zip(path, path[1:]))
         return prompt, reasoning, answer
 
     def check(self, pred: str, answer: str) -> bool:
