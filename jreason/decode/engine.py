@@ -356,7 +356,7 @@ class Engine:
 
         The new context is prefilled like an admitted prompt, batched with every other row that
         resets or is admitted in the same scheduler step (in lockstep decoding all of them):
-        one `prefill` + `insert` per bucket instead of one call per row (+33% -> +9% per-token
+        one `prefill` + `insert` per bucket instead of one call per row (+33% -> +7.8% per-token
         cost from C to 8C in tools/bench/markovian.py). A context longer than every prefill
         bucket falls back to re-encoding only the tail in the slot (`extend`): the query and the
         kept head sit at the same positions as before, so their cache entries are still right;
@@ -630,7 +630,7 @@ class Engine:
             for slot, run in enumerate(self.slots)
         )
 
-    def _read_back(self, outputs, snapshot, k) -> list[tuple[int, Result]]:
+    def _read_back(self, outputs, snapshot) -> list[tuple[int, Result]]:
         tok_kb, lp_kb, done_kb, was_kb = jax.device_get(outputs)  # the one transfer per block
         finished = []
         for j in range(tok_kb.shape[0]):
@@ -663,7 +663,7 @@ class Engine:
             )
             dispatched = (outputs, list(self.slots), k)
         if self._inflight:
-            finished += self._read_back(*self._inflight)
+            finished += self._read_back(*self._inflight[:2])
         self._inflight = dispatched
         return finished
 

@@ -288,9 +288,9 @@ class _CountingEngine(Engine):
         self.prefills.append(len(contexts))
         return super()._prefill(contexts, P)
 
-    def _read_back(self, outputs, snapshot, k):
+    def _read_back(self, outputs, snapshot):
         self.idle_blocks += int(not np.asarray(jax.device_get(outputs[3])).any())
-        return super()._read_back(outputs, snapshot, k)
+        return super()._read_back(outputs, snapshot)
 
 
 def test_lockstep_resets_are_prefilled_together_and_no_block_idles(tiny, full_logits):
