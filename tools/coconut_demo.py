@@ -1,13 +1,13 @@
 """Coconut vs. written chains of thought on ProsQA-style graph questions, on CPU in minutes.
 
-    python tools/coconut_demo.py [--steps 1500] [--stage-steps 250] [--record]   (~6 min on 2 CPUs)
+    python tools/coconut_demo.py [--steps 3000] [--stage-steps 500] [--record]   (~9 min on 2 CPUs)
 
 Three tiny models (configs/models/tiny-llama.yaml: 2 layers, d_model 64) answer "Is A a B or a C?" over a
 random concept DAG (data/tasks/prosqa.py), each trained in-process with the shared
 `make_train_step` (through train/coconut.py's stage loop):
 
     no-CoT   question -> "Answer: B"                          (--steps steps)
-    CoT      question -> the path's "Every X is a Y." lines -> "Answer: B"   (--steps steps)
+    CoT      question -> the path's "- X Y" lines -> "Answer: B"   (--steps steps)
     Coconut  from the CoT model, stages 1 .. K (K = --max-stage, --stage-steps each, optimizer
              reset per stage): stage k replaces the first k lines by k * c continuous thoughts
              (model/latent.py); the last stage has no written steps left
@@ -17,17 +17,30 @@ through decode/latent.py. The table is the paper's (Hao et al. 2024, table 1) sh
 accuracy, mean generated tokens (for Coconut: thoughts + text tokens). `--record` writes it to
 RESULTS.md's "## Coconut demo" section (replacing an earlier one) with the command that made it.
 
-All three start from the same `--pretrain` steps of next-token loss on the prompts alone (facts
-and question, no reasoning, no answer), a stand-in for the paper's pretrained GPT-2: from scratch,
-the no-CoT model (one informative target per problem) barely learns to copy a name in minutes.
-The defaults (2-hop problems, K = 2, lr 1e-2, batch 32) are what fit ~6 CPU minutes; deeper
-problems (--max-hops 3 --max-stage 3) and the 0.85M `--preset tiny` need more steps than that.
+All three start from the same `--pretrain` steps of an induction exercise: a random run of 6-20
+concept names, then the same run again, the repeat supervised. It stands in for the paper's
+pretrained GPT-2, and for the one thing a chain of thought here needs from it: an induction head
+(find the earlier occurrence of the current name, copy the token after it), which is the fact
+lookup `- X` -> ` Y`. Trained from scratch on ProsQA rows alone, the tiny model never formed one
+in 10k steps: it settled on a bag-of-names heuristic (write a name that occurs often in the facts)
+at ~70% CoT accuracy, and plain fact restatement (2-8 lookups a row) was too sparse a signal to
+form the head in 3k steps. The copy runs give 6-20 lookups a row; after 3k of them the CoT model
+reaches 100% on 2-hop chains within 2k more steps (RESULTS.md, "Coconut demo: what was tried").
+
+Facts and steps are `- X Y` lines (prosqa's `terse` knob) so that a name is one token wherever it
+appears; `--sentences` uses `Every X is a Y.` instead (the lookup then matches a name three tokens
+back, which the copy exercise does not teach). The defaults (2-hop problems, K = 2, lr 3e-3,
+batch 32, rope theta 1e4) fit ~9 CPU minutes; deeper problems (--max-hops 3 --max-stage 3) need
+more steps. The default `--branching 1` makes A's path a chain (a distractor chain and a cross
+edge remain): with `--branching 2` the first written step must pick one of A's two out-edges
+before it can see which reaches an option, the search ProsQA is about, and this 2-layer model's
+CoT then sits at chance (52.0%, as do no-CoT 55.5% and Coconut 52.0%, 2026-12-05).
 
 The tokenizer is a BPE trained here on task text (as `jreason demo` does); `<bot>`,
 `<latent>` and `<eot>` are three ids after its vocabulary, so the model's vocab is 3 larger.
 Training data is fresh problems every step (seed 0, consecutive indices); evaluation uses seed 1.
 
-Left out: the paper's "pause as thought" and "w/o curriculum" ablations, and GPT-2: a ~1M
+Left out: the paper's "pause as thought" and "w/o curriculum" ablations, and GPT-2: a 0.15M
 parameter model from scratch is what fits a CPU demo, so do not expect the paper's numbers.
 """
 
@@ -45,10 +58,11 @@ import jax
 import numpy as np
 
 from jreason.data.tasks import get_task
+from jreason.data.tasks.prosqa import NAMES
 from jreason.decode.latent import generate_latent
 from jreason.decode.sampler import generate
 from jreason.model import latent as lt
-from jreason.model.config import load_config
+from jreason.model.config import RopeConfig, load_config
 from jreason.model.transformer import init_model
 from jreason.tokenizer import load_tokenizer, train_sentencepiece
 from jreason.train.coconut import train_stages
@@ -59,30 +73,34 @@ from jreason.train.sft import cross_entropy_loss
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
-        "--pretrain", type=int, default=300,
-        help="shared LM steps on the prompts alone (0: start every method from scratch)",
+        "--pretrain", type=int, default=3000,
+        help="shared induction-exercise steps (repeated runs of names; 0: start from scratch)",
     )  # fmt: skip
-    p.add_argument("--steps", type=int, default=1500, help="no-CoT and CoT training steps")
-    p.add_argument("--stage-steps", type=int, default=250, help="Coconut steps per stage")
+    p.add_argument("--steps", type=int, default=3000, help="no-CoT and CoT training steps")
+    p.add_argument("--stage-steps", type=int, default=500, help="Coconut steps per stage")
     p.add_argument("--max-stage", type=int, default=2, help="K: Coconut's max_latent_stage")
     p.add_argument("--c-thought", type=int, default=1, help="c: thoughts per replaced step")
     p.add_argument("--min-hops", type=int, default=2)
     p.add_argument("--max-hops", type=int, default=2)
     p.add_argument(
-        "--branching", type=int, default=2,
-        help="out-edges per path node (1: a plain chain, no dead ends to search past)",
+        "--branching", type=int, default=1,
+        help="out-edges per path node (1: a chain, no dead ends; 2: the step must pick a branch)",
     )  # fmt: skip
     p.add_argument(
-        "--terse", action="store_true",
-        help="facts and steps as `X Y` lines, not `Every X is a Y.` (a plain induction lookup)",
+        "--sentences", action="store_true",
+        help="facts and steps as `Every X is a Y.`, not `- X Y` lines (prosqa's terse knob)",
     )  # fmt: skip
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--eval", type=int, default=256, help="held-out problems")
     p.add_argument("--preset", default="tiny-llama")
     p.add_argument(
         "--init-std", type=float, default=None,
         help="weight init std (default: the preset's, 0.02 for tiny-llama)",
+    )  # fmt: skip
+    p.add_argument(
+        "--rope-theta", type=float, default=10000.0,
+        help="plain RoPE base replacing the preset's (0: keep the preset's rope)",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -91,6 +109,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.pretrain < 0:
         p.error("--pretrain must be >= 0")
+    if args.rope_theta < 0:
+        p.error("--rope-theta must be > 0 (or 0 for the preset's rope)")
     for name in ("steps", "stage_steps", "batch", "eval"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -113,9 +133,16 @@ class Problems:
             answer = self.tok.encode(f"Answer: {ex.answer}", add_eos=True)
             yield ex, question, steps, answer
 
+    def copy_row(self, rng: np.random.Generator) -> dict:
+        """The induction exercise: ` a b c ...` (6-20 distinct names), then the same run again,
+        supervised. Runs vary in length so the repeat is found by matching names, not by a fixed
+        offset."""
+        names = rng.permutation(NAMES)[: int(rng.integers(6, 21))]
+        run = self.tok.encode(" " + " ".join(names))
+        end = self.tok.encode("\n", add_eos=True)
+        return lt.build_row(run, [run], end, n_skip=0, n_latent=0, tokens=None)
+
     def row(self, method: str, stage: int, question, steps, answer) -> dict:
-        if method == "pretrain":  # next-token loss on the prompt itself; no reasoning, no answer
-            return {"ids": list(question), "supervised": [True] * len(question), "latent_pos": []}
         if method == "coconut":
             return lt.stage_row(question, steps, answer, stage, self.coconut, self.tokens)
         n_skip = len(steps) if method == "no-cot" else 0
@@ -163,7 +190,7 @@ def main(argv=None) -> int:
         min_hops=args.min_hops,
         max_hops=args.max_hops,
         branching=args.branching,
-        terse=args.terse,
+        terse=not args.sentences,
         side_len=1,
         instructions=False,
     )
@@ -182,7 +209,7 @@ def main(argv=None) -> int:
     longest = max(
         len(problems.row("cot", 0, *p)["ids"]) for _, *p in problems.parts(args.seed, 512)
     )
-    seq_len = -(-(longest + coconut.max_latents + 8) // 16) * 16
+    seq_len = max(-(-(longest + coconut.max_latents + 8) // 16) * 16, 64)  # 64: copy rows
     cfg = load_config(args.preset).replace(
         vocab_size=tokens.vocab_size,
         eos_token_ids=(tok.eos_id,),
@@ -191,6 +218,10 @@ def main(argv=None) -> int:
     )
     if args.init_std is not None:
         cfg = cfg.replace(init_std=args.init_std)
+    if args.rope_theta:
+        # tiny-llama's head_dim 16 has 8 rotary frequencies; at its llama3 theta 5e5 only ~2 turn
+        # fast enough to single out the previous token, the other half of an induction head
+        cfg = cfg.replace(rope=RopeConfig(theta=args.rope_theta))
     model, params0 = init_model(cfg, jax.random.key(args.seed))
     print(
         f"prosqa hops {args.min_hops}-{args.max_hops}: vocab {tok.vocab_size}+3, seq_len "
@@ -204,10 +235,12 @@ def main(argv=None) -> int:
             start = (args.steps + (stage - 1) * args.stage_steps + i) * args.batch
             if method != "coconut":
                 start = i * args.batch
-            seed = args.seed + 1000 if method == "pretrain" else args.seed  # eval uses seed 1
-            rows = [
-                problems.row(method, stage, *p) for _, *p in problems.parts(seed, args.batch, start)
-            ]
+            if method == "pretrain":
+                rng = np.random.default_rng([args.seed, 1000, i])
+                rows = [problems.copy_row(rng) for _ in range(args.batch)]
+            else:  # eval uses seed 1
+                parts = problems.parts(args.seed, args.batch, start)
+                rows = [problems.row(method, stage, *p) for _, *p in parts]
             b = lt.collate(rows, seq_len, coconut.max_latents, tok.pad_id)
             return {k: v[None] for k, v in b.items()}  # (A=1, b, T)
 
@@ -264,7 +297,8 @@ def main(argv=None) -> int:
     picked = ", ".join(f"{m} {100 * p:.0f}%" for m, _, _, p in results)
     note = (
         f"ProsQA-style, hops {args.min_hops}-{args.max_hops}, {args.eval} held-out problems; "
-        f"{cfg.n_params / 1e6:.2f}M-param `{args.preset}` model (init_std {cfg.init_std:g}); "
+        f"{cfg.n_params / 1e6:.2f}M-param `{args.preset}` model (init_std {cfg.init_std:g}, "
+        f"rope theta {cfg.rope.theta:g}); {args.pretrain} induction-exercise steps; "
         f"no-CoT/CoT {args.steps} steps, "
         f"Coconut = CoT + {args.max_stage} stages x {args.stage_steps} steps (c={args.c_thought}, "
         f"{n_latent} thoughts at eval); batch {args.batch}; {elapsed:.0f}s on "

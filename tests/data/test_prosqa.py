@@ -7,6 +7,7 @@ from collections import deque
 import pytest
 
 from jreason.data.tasks import get_task
+from jreason.data.tasks.prosqa import parse_facts
 
 
 def _bfs(edges, start):
@@ -81,7 +82,7 @@ def test_bad_knobs_name_themselves(knobs, key):
 
 
 def test_terse_states_the_same_graph_and_path_as_sentences():
-    """`terse`: every fact and step is `X Y` instead of `Every X is a Y.`; the same seed draws the
+    """`terse`: every fact and step is `- X Y` instead of `Every X is a Y.`; the same seed draws the
     same problem, so reading the terse lines back gives the sentence form's edges, path and
     answer."""
     knobs = {"min_hops": 2, "max_hops": 3, "branching": 2, "instructions": False}
@@ -89,10 +90,12 @@ def test_terse_states_the_same_graph_and_path_as_sentences():
     terse = get_task("prosqa", terse=True, **knobs).generate(seed=4, n=30)
     for ex, short in zip(sentences, terse):
         facts = re.findall(r"^Every (\w+) is a (\w+)\.$", ex.prompt, re.MULTILINE)
-        assert re.findall(r"^(\w+) (\w+)$", short.prompt, re.MULTILINE) == facts
+        assert re.findall(r"^- (\w+) (\w+)$", short.prompt, re.MULTILINE) == facts
         assert "Every" not in short.prompt + short.reasoning
         assert short.prompt.splitlines()[-1] == ex.prompt.splitlines()[-1]  # the question
-        steps = [tuple(line.split()) for line in short.reasoning.splitlines()]
+        steps = [tuple(line.split()[1:]) for line in short.reasoning.splitlines()]
+        assert all(line.startswith("- ") for line in short.reasoning.splitlines())
+        assert parse_facts(short.prompt) == parse_facts(ex.prompt)
         assert steps == [
             re.fullmatch(r"Every (\w+) is a (\w+)\.", line).groups()
             for line in ex.reasoning.splitlines()

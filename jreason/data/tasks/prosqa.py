@@ -51,9 +51,11 @@ class ProsQAConfig:
     side_len: int = 2  # a dead-end branch has 1 .. side_len nodes
     cross_edge: bool = True  # one edge from the distractor chain into A's component
     instructions: bool = True  # False: facts and question only (for tiny models)
-    # `X Y` lines instead of `Every X is a Y.`: the next concept is the token after the current
-    # one's earlier occurrence, a plain induction-head lookup a tiny model from scratch can learn
-    # (it did not learn the three-tokens-back match of the sentence form in a CPU demo's steps)
+    # `- X Y` lines instead of `Every X is a Y.`: the next concept is the token right after the
+    # current one's earlier occurrence, a plain induction-head lookup. The bullet keeps every name
+    # after a space, so a name is one and the same token wherever it appears (a line-initial
+    # `X` and a ` X` after a space are different tokens to a BPE without a dummy prefix, and then
+    # the lookup is not an induction at all)
     terse: bool = False
 
     def __post_init__(self):
@@ -71,7 +73,7 @@ class ProsQAConfig:
 
 
 def fact(u: str, v: str, terse: bool = False) -> str:
-    return f"{u} {v}" if terse else f"Every {u} is a {v}."
+    return f"- {u} {v}" if terse else f"Every {u} is a {v}."
 
 
 def reachable(edges: list[tuple[str, str]], start: str) -> set[str]:
@@ -89,14 +91,14 @@ def reachable(edges: list[tuple[str, str]], start: str) -> set[str]:
 
 
 def parse_facts(prompt: str) -> list[tuple[str, str]]:
-    """The (X, Y) edges of every `Every X is a Y.` (or terse `X Y`) line of a prompt."""
+    """The (X, Y) edges of every `Every X is a Y.` (or terse `- X Y`) line of a prompt."""
     edges = []
     for line in prompt.splitlines():
         words = line.rstrip(".").split()
         if len(words) == 5 and words[0] == "Every" and words[2:4] == ["is", "a"]:
             edges.append((words[1], words[4]))
-        elif len(words) == 2 and all(w in NAMES for w in words):
-            edges.append((words[0], words[1]))
+        elif len(words) == 3 and words[0] == "-" and all(w in NAMES for w in words[1:]):
+            edges.append((words[1], words[2]))
     return edges
 
 
