@@ -25,7 +25,7 @@ lookup `- X` -> ` Y`. Trained from scratch on ProsQA rows alone, the tiny model 
 in 10k steps: it settled on a bag-of-names heuristic (write a name that occurs often in the facts)
 at ~70% CoT accuracy, and plain fact restatement (2-8 lookups a row) was too sparse a signal to
 form the head in 3k steps. The copy runs give 6-20 lookups a row; after 3k of them the CoT model
-reaches 100% on 2-hop chains within 2k more steps (RESULTS.md, "Coconut demo: what was tried").
+reaches 100% on 2-hop chains within 3k more steps (RESULTS.md, "Coconut demo: what was tried").
 
 Facts and steps are `- X Y` lines (prosqa's `terse` knob) so that a name is one token wherever it
 appears; `--sentences` uses `Every X is a Y.` instead (the lookup then matches a name three tokens
