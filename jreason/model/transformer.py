@@ -37,6 +37,7 @@ from jreason.model.layers import (
     RMSNorm,
     apply_rope,
     dense,
+    dense_t,
     param,
     rope_frequencies,
     rope_tables,
@@ -70,9 +71,13 @@ class Attention(nnx.Module):
 
     def __call__(self, x_btd, positions_bt, mask_bts, rope, kv=None):
         cfg, dt = self.cfg, x_btd.dtype
-        if self.k_proj.shape[1] == 0:  # fused decode layout (fuse_projections): one matmul
+        # fused decode layouts (fuse_projections): k_proj zero-sized on its kv-heads axis, the
+        # second one as stored, the first one output-major
+        out_major = self.k_proj.shape[0] == 0
+        mm = dense_t if out_major else dense
+        if out_major or self.k_proj.shape[1] == 0:  # one matmul for q, k and v
             N, K = cfg.n_heads, cfg.n_kv_heads
-            qkv_btch = dense(x_btd, self.q_proj[...].astype(dt))  # BTD,DCH->BTCH, C = N+2K
+            qkv_btch = mm(x_btd, self.q_proj[...].astype(dt))  # BTD,DCH->BTCH, C = N+2K
             if cfg.qkv_bias:
                 qkv_btch = qkv_btch + self.q_bias[...].astype(dt)
             q_btnh, k_btkh, v_btkh = jnp.split(qkv_btch, [N, N + K], axis=2)
@@ -105,7 +110,7 @@ class Attention(nnx.Module):
             keys_bskh = new_kv["k"].astype(dt).transpose(0, 3, 1, 2)
             values_bskh = new_kv["v"].astype(dt).transpose(0, 2, 1, 3)
             out_btnh = attention(q_btnh, keys_bskh, values_bskh, mask_bts, impl=cfg.attention_impl)
-        out_btd = dense(out_btnh, self.o_proj[...].astype(dt), n_in=2)  # BTNH,NHD->BTD
+        out_btd = mm(out_btnh, self.o_proj[...].astype(dt), n_in=2)  # BTNH,NHD->BTD
         if cfg.o_bias:
             out_btd = out_btd + self.o_bias[...].astype(dt)
         return out_btd, new_kv
@@ -171,30 +176,53 @@ def unrolled_layers(layers: Block, layer_params, x_btd, positions_bt, mask_bts, 
     return x_btd, new_cache
 
 
-def unstack_layers(params) -> dict:
+# Smallest d_model whose decode layout is output-major on CPU (unstack_layers). Engine decode,
+# 32 + 128 tokens, (in, out) -> output-major: the 100M model (d 768) at batch 16 319 -> 388
+# tok/s (349 with the stored head) and batch 1 57 -> 59; the demo model (d 128, one XLA:CPU
+# thread) at batch 16 21.5k -> 18.4k tok/s, so small models keep the stored layout.
+OUT_MAJOR_MIN_D = 512
+
+
+def unstack_layers(params, out_major: bool | None = None) -> dict:
     """params with `layers` as a list of L per-layer dicts, projections fused: what the decode
-    engine runs on. On CPU a tied head also gets a (D, V) copy, `head_dv`: XLA:CPU's matmul
-    re-packs the embedding's transpose on every call, 4% of the demo model's decode step
-    (0.748 -> 0.719 ms at batch 16); elsewhere the transpose is free and the copy is not."""
+    engine runs on. `out_major` (default: on CPU from d_model OUT_MAJOR_MIN_D) stores every
+    projection output-major (`fuse_projections`) and adds the head that way, `head_vd` (V, D):
+    the embedding itself when tied, so a tied head costs no copy. On XLA:CPU the 100M model's
+    16-row decode step reads its (D, V) head in 9.0 ms and `head_vd` in 6.6 ms (1-row steps:
+    the same); on GPU and TPU a transposed operand is free either way, so the stored layout is
+    kept there."""
     layers = params["layers"]
     if isinstance(layers, list):
         return params
+    if out_major is None:
+        D = params["embed"].shape[-1]
+        out_major = jax.default_backend() == "cpu" and D >= OUT_MAJOR_MIN_D
     n = jax.tree.leaves(layers)[0].shape[0]
     out = {
         **params,
-        "layers": [fuse_projections(jax.tree.map(lambda a, i=i: a[i], layers)) for i in range(n)],
+        "layers": [
+            fuse_projections(jax.tree.map(lambda a, i=i: a[i], layers), out_major) for i in range(n)
+        ],
     }
-    if "lm_head" not in params and jax.default_backend() == "cpu":
-        out["head_dv"] = params["embed"].T
+    if out_major:
+        out["head_vd"] = params["lm_head"].T if "lm_head" in params else params["embed"]
     return out
 
 
-def fuse_projections(layer: dict) -> dict:
+def fuse_projections(layer: dict, out_major: bool = False) -> dict:
     """One layer's params with q/k/v concatenated into `q_proj` and gate/up into `gate_proj`.
 
     Decode runs at a handful of rows, where XLA:CPU pays a fixed ~85 us per matmul call (most of
     a small model's step), so 7 projection matmuls per layer become 4. `k_proj`, `v_proj` and
-    `up_proj` are left zero-sized: the marker Attention and MLP read to take the fused path.
+    `up_proj` are left zero-sized on their output axis (kv heads, F): the marker Attention and
+    MLP read to take the fused path.
+
+    `out_major` stores the four remaining weights with their output axes first and their input
+    axes last, (out, in) like torch's Linear, and the markers in that order too (k_proj
+    (0, H, D), up_proj (0, D)); the layers then multiply with `dense_t`. XLA:CPU (YNNPACK) runs
+    16-row products of a weight read that way faster than of the (in, out) one: a 12-layer chain
+    of the 100M model's decode matmuls takes 43.3 ms from (in, out) and 31-34 ms output-major
+    (torch, (out, in): 37.6 ms); at 1 row the two are within noise.
     """
     attn, mlp = dict(layer["attn"]), dict(layer["mlp"])
     for name, others in (("q_proj", ("k_proj", "v_proj")), ("q_bias", ("k_bias", "v_bias"))):
@@ -207,6 +235,13 @@ def fuse_projections(layer: dict) -> dict:
         if name in mlp:
             mlp[name] = jnp.concatenate([mlp[name], mlp[other]], axis=-1)
             mlp[other] = mlp[name][..., :0]
+    if out_major:
+        attn["q_proj"] = jnp.moveaxis(attn["q_proj"], 0, -1)  # DCH -> CHD
+        attn["o_proj"] = jnp.moveaxis(attn["o_proj"], -1, 0)  # NHD -> DNH
+        for o in ("k_proj", "v_proj"):
+            attn[o] = attn[o].transpose(1, 2, 0)  # (D, 0, H) -> (0, H, D)
+        mlp["gate_proj"], mlp["down_proj"] = mlp["gate_proj"].T, mlp["down_proj"].T
+        mlp["up_proj"] = mlp["up_proj"].T  # (0, D)
     return {**layer, "attn": attn, "mlp": mlp}
 
 
@@ -227,9 +262,12 @@ class Decoder(nnx.Module):
         """The output projection (D, V): the embedding's transpose when tied."""
         return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
 
-    def logits(self, h_btd, w_dv=None):
-        """Final-norm'd hidden states -> float32 logits (`w_dv`: the head, if given apart)."""
-        return vocab_head.logits(h_btd, self.head_weight() if w_dv is None else w_dv)
+    def logits(self, h_btd, w_vd=None):
+        """Final-norm'd hidden states -> float32 logits (`w_vd`: the head stored output-major,
+        if given apart: unstack_layers)."""
+        if w_vd is not None:
+            return vocab_head.logits_t(h_btd, w_vd)
+        return vocab_head.logits(h_btd, self.head_weight())
 
     def __call__(
         self,
@@ -242,7 +280,7 @@ class Decoder(nnx.Module):
         return_hidden: bool = False,
         head: bool = True,
         layer_params=None,
-        head_dv=None,
+        head_vd=None,
         attend_len: int | None = None,
     ):
         """(logits_btv, cache); `return_hidden` adds the final-norm'd h_btd; `head=False`
@@ -288,7 +326,7 @@ class Decoder(nnx.Module):
         h_btd = self.final_norm(x_btd)
         if not head:
             return h_btd, cache
-        logits_btv = self.logits(h_btd, head_dv)
+        logits_btv = self.logits(h_btd, head_vd)
         if return_hidden:
             return logits_btv, cache, h_btd
         return logits_btv, cache
@@ -310,8 +348,8 @@ class Model:
             # the module is built on layer 0 only for its structure; the layers run from the list
             kw["layer_params"] = params["layers"]
             params = {**params, "layers": params["layers"][0]}
-            if "head_dv" in params:
-                kw["head_dv"] = params.pop("head_dv")
+            if "head_vd" in params:
+                kw["head_vd"] = params.pop("head_vd")
         return self.module(params)(tokens_bt, positions_bt, cache, segment_ids_bt, **kw)
 
     # -- what the decode engine needs of a model (RecurrentModel has the same methods) ---------
@@ -335,8 +373,8 @@ class Model:
 
     def head_weight(self, params):
         """The (D, V) output projection of `params` (either layout)."""
-        if "head_dv" in params:
-            return params["head_dv"]
+        if "head_vd" in params:
+            return params["head_vd"].T
         return params["embed"].T if self.cfg.tie_embeddings else params["lm_head"]
 
     def apply_at(self, params, tokens_bt, positions_bt, cache, index_b):
@@ -345,6 +383,8 @@ class Model:
         vocabulary) would dwarf the model step; the head runs on the B gathered rows."""
         h_btd, cache = self.apply(params, tokens_bt, positions_bt, cache, head=False)
         h_bd = jnp.take_along_axis(h_btd, index_b[:, None, None], axis=1)[:, 0]
+        if "head_vd" in params:
+            return vocab_head.logits_t(h_bd, params["head_vd"]), cache
         return vocab_head.logits(h_bd, self.head_weight(params)), cache
 
     def token_stats(self, params, tokens_bt, positions_bt, segment_ids_bt, targets_bt, **kw):

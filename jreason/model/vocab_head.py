@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jreason.model.layers import dense
+from jreason.model.layers import dense, dense_t
 
 
 def logit_stats(logits_btv, targets_bt, temperature=1.0, entropy: bool = False) -> dict:
@@ -44,6 +44,12 @@ def logits(h_btd, w_dv):
     head matmul every forward, prefill and loss uses (the weight cast to the activations' dtype,
     accumulated in float32)."""
     return dense(h_btd, w_dv.astype(h_btd.dtype), preferred_element_type=jnp.float32)
+
+
+def logits_t(h_btd, w_vd):
+    """`logits` from the head stored output-major (V, D): the embedding itself when tied. What
+    decode uses on CPU (layers.dense_t has why)."""
+    return dense_t(h_btd, w_vd.astype(h_btd.dtype), preferred_element_type=jnp.float32)
 
 
 def _stats(h_btd, w_dv, targets_bt, temperature, entropy: bool):

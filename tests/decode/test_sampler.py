@@ -9,6 +9,7 @@ from greedy_reference import argmax_reference
 from jreason.decode.sampler import generate
 from jreason.decode.sampling import SamplingArrays, argmax, sample
 from jreason.model import init_model, load_config
+from jreason.model.transformer import unstack_layers
 
 
 @pytest.fixture(scope="module")
@@ -91,11 +92,14 @@ def test_keys_as_a_function_draw_the_same_tokens():
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("layout", ["stored", "decode"])
+@pytest.mark.parametrize("layout", ["stored", "decode", "fused_in_major", "fused_out_major"])
 def test_apply_at_is_the_full_logits_at_each_rows_index(tiny, layout):
     model, params = tiny
-    if layout == "decode":  # per-layer weights, fused projections, the head copy on CPU
+    if layout == "decode":  # per-layer weights, fused projections, on CPU output-major
         params = model.decode_params(params)
+    elif layout.startswith("fused"):  # either fused layout, whatever the backend
+        params = unstack_layers(params, out_major=layout == "fused_out_major")
+        assert ("head_vd" in params) == (layout == "fused_out_major")
     tokens = jax.random.randint(jax.random.key(5), (3, 7), 1, 64)
     positions = jnp.broadcast_to(jnp.arange(7), (3, 7))
     index = jnp.array([6, 2, 4])
@@ -104,3 +108,6 @@ def test_apply_at_is_the_full_logits_at_each_rows_index(tiny, layout):
     np.testing.assert_allclose(at, full[jnp.arange(3), index], rtol=1e-6, atol=1e-6)
     for a, b in zip(jax.tree.leaves(cache_at), jax.tree.leaves(cache_full)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    if layout != "stored":  # and both equal the stored layout's forward (the unfused matmuls)
+        stored, _ = model.apply(tiny[1], tokens, positions, model.init_cache(3, 12))
+        np.testing.assert_allclose(full, stored, rtol=1e-5, atol=1e-5)
