@@ -25,6 +25,12 @@ generates exactly NEW_TOKENS per row, so the timed work is the same.
     python tools/bench/decode.py --sizes demo --cpu-threads 1  # XLA:CPU pool of one thread
     python tools/bench/decode.py --sizes demo --batches 1 --engine-cache 4096  # a server's cache
 
+`--tunix` adds tunix's `Sampler` (google-tunix, greedy, its own Qwen2 loaded from the same
+safetensors: tunix_peer.py) as a third peer, timed in the same alternation; run it with the
+tunix virtualenv (rl_step.py's docstring; torch==2.13.0 installed there too):
+
+    /tmp/tunix-venv/bin/python tools/bench/decode.py --tunix
+
 `--cpu-threads N` sizes XLA:CPU's intra-op pool (jreason/cpu_threads.py; jreason's own
 `--cpu-threads` flag); torch keeps every core unless `--torch-threads` says otherwise. Both
 counts go into the table's heading.
@@ -162,6 +168,7 @@ def bench(
     bandwidth: float,
     dtype: str = "float32",
     engine_cache: int | None = None,
+    tunix: bool = False,
 ) -> list[dict]:
     from jreason.decode.engine import Engine
     from jreason.model.hf import load_hf
@@ -170,6 +177,10 @@ def bench(
     with tempfile.TemporaryDirectory() as tmp:
         ref = build_reference(size, Path(tmp), dtype)
         cfg, params = load_hf(tmp, param_dtype=dtype)
+        if tunix:
+            from tunix_peer import TunixGreedy
+
+            peer = TunixGreedy(Path(tmp), cfg, PROMPT_LEN, NEW_TOKENS)
     cfg = cfg.replace(dtype=dtype)
     model, _ = abstract_model(cfg)
     # Exactness is required only where both sides run the same fp32 arithmetic (module docstring).
@@ -199,6 +210,10 @@ def bench(
         ours_e = engine_generate(engine, prompts)
         engine_compile = time.perf_counter() - t0
         theirs = hf_generate(ref, prompts)
+        if tunix:
+            t0 = time.perf_counter()
+            ours_t = peer.generate(prompts)
+            tunix_compile = time.perf_counter() - t0
         msg = (
             f"{size} batch {batch}: sampler vs transformers: {first_diff(ours_s, theirs)}; "
             f"engine vs transformers: {first_diff(ours_e, theirs)}; "
@@ -213,7 +228,7 @@ def bench(
         else:
             match = f"sampler: {agreement(ours_s, theirs)}; engine: {agreement(ours_e, theirs)}"
 
-        hf_t, s_t, e_t = [], [], []
+        hf_t, s_t, e_t, t_t = [], [], [], []
         for _ in range(reps):
             # Fresh prompts each time so nothing is served from a cache of an identical call.
             p = rng.integers(1, cfg.vocab_size, size=(batch, PROMPT_LEN))
@@ -226,6 +241,10 @@ def bench(
             t0 = time.perf_counter()
             engine_generate(engine, p)
             e_t.append(time.perf_counter() - t0)
+            if tunix:
+                t0 = time.perf_counter()
+                peer.generate(p)
+                t_t.append(time.perf_counter() - t0)
 
         n = batch * NEW_TOKENS
         hf, s, e = (n / statistics.median(t) for t in (hf_t, s_t, e_t))
@@ -251,6 +270,16 @@ def bench(
                 "greedy match": match,
             }
         )
+        if tunix:
+            tx = n / statistics.median(t_t)
+            rows[-1].update(
+                {
+                    "tunix tok/s": f"{tx:,.1f}",
+                    "engine / tunix": f"{e / tx:.2f}x",
+                    "tunix compile s": f"{tunix_compile:.2f}",
+                    "tunix vs transformers": agreement(ours_t, theirs),
+                }
+            )
     return rows
 
 
@@ -276,11 +305,21 @@ def main(argv=None):
         help="the engine's cache length per slot (default: prompt + new tokens, the job's "
         "length); a server's is its context length",
     )
+    ap.add_argument(
+        "--tunix",
+        action="store_true",
+        help="also time tunix's Sampler on the same weights (needs the tunix virtualenv)",
+    )
     ap.add_argument("--cpu-threads", type=int, default=None, help="XLA:CPU pool size (jreason)")
     ap.add_argument(
         "--torch-threads", type=int, default=None, help="torch.set_num_threads (default: cores)"
     )
     args = ap.parse_args(argv)
+    if args.tunix:
+        try:
+            import tunix  # noqa: F401
+        except ImportError:
+            ap.error("--tunix: tunix is not installed here; run with its virtualenv (see --help)")
     if args.engine_cache is not None and args.engine_cache < PROMPT_LEN + NEW_TOKENS:
         ap.error(f"--engine-cache {args.engine_cache}: must hold {PROMPT_LEN + NEW_TOKENS} tokens")
     import torch
@@ -299,12 +338,15 @@ def main(argv=None):
     rows = [
         r
         for s in args.sizes
-        for r in bench(s, args.batches, args.reps, bandwidth, args.dtype, args.engine_cache)
+        for r in bench(
+            s, args.batches, args.reps, bandwidth, args.dtype, args.engine_cache, args.tunix
+        )
     ]
     where = "" if torch_device() == "cpu" else f"; transformers on {torch.cuda.get_device_name()}"
     append_report(
         f"Greedy decode ({DTYPE_LABELS[args.dtype]}, {PROMPT_LEN}-token prompts + {NEW_TOKENS} "
-        f"new tokens): jreason sampler and engine vs transformers; memory bandwidth "
+        f"new tokens): jreason sampler and engine vs transformers"
+        f"{' and tunix Sampler' if args.tunix else ''}; memory bandwidth "
         f"{bandwidth:.1f} GB/s{where}; threads: XLA:CPU {xla_threads}, torch "
         f"{torch.get_num_threads()}",
         rows,

@@ -72,48 +72,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_report, device_name  # noqa: E402
+from tunix_peer import PAD, WordTokenizer, cpu_mesh, load_qwen2  # noqa: E402
 
 SIZES = {
     # name: (hidden, layers, heads, kv_heads, intermediate, vocab)
     "demo": (128, 4, 4, 2, 384, 512),
     "small": (256, 4, 4, 2, 768, 1024),
 }
-PAD = 0  # pad id on both sides; prompts never contain it
-
-
-# ---- shared: tokenizer, reward, prompts, weights ---------------------------------------------
-
-
-class WordTokenizer:
-    """Token id i <-> the word "t<i>": encode/decode are exact, so both sides see the same ids.
-
-    Has what tunix's TokenizerAdapter wants (encode, decode, bos_id, eos_id, pad_id) and what
-    jreason's rollout wants (apply_chat_template(tokenize=True), stop_ids, decode, pad_id).
-    bos_id 0 is falsy, so tunix adds no BOS; eos is an id outside the vocab, never sampled.
-    """
-
-    def __init__(self, vocab: int):
-        self.vocab = vocab
-        self.stop_ids = frozenset()  # jreason: no stop token, every completion runs to budget
-
-    def encode(self, text: str, **_) -> list[int]:
-        return [int(w[1:]) for w in text.split()]
-
-    def decode(self, ids, **_) -> str:
-        return " ".join(f"t{int(i)}" for i in ids)
-
-    def bos_id(self) -> int:
-        return 0
-
-    def eos_id(self) -> int:
-        return self.vocab  # out of the vocab: never sampled
-
-    def pad_id(self) -> int:
-        return PAD
-
-    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False, **_):
-        text = messages[-1]["content"]
-        return self.encode(text) if tokenize else text
 
 
 class JreasonTokenizer(WordTokenizer):
@@ -344,30 +309,13 @@ class JreasonGRPO:
 class TunixGRPO:
     def __init__(self, ckpt: Path, jcfg, args):
         import optax
-        from tunix.models.qwen2 import model as qwen2_model
-        from tunix.models.qwen2 import params as qwen2_params
         from tunix.rl import rl_cluster as rl_cluster_lib
         from tunix.rl.grpo import grpo_learner
         from tunix.rl.rollout import base_rollout
 
         self.args = args
-        self.mesh = jax.make_mesh(
-            (1, 1), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2
-        )
-        config = qwen2_model.ModelConfig(
-            num_layers=jcfg.n_layers,
-            vocab_size=jcfg.vocab_size,
-            embed_dim=jcfg.d_model,
-            hidden_dim=jcfg.d_ff,
-            num_heads=jcfg.n_heads,
-            head_dim=jcfg.head_dim,
-            num_kv_heads=jcfg.n_kv_heads,
-            rope_theta=int(jcfg.rope.theta),
-            norm_eps=jcfg.norm_eps,
-            use_tied_embedding=True,
-        )
-        self.config = config
-        self.model = qwen2_params.create_model_from_safe_tensors(str(ckpt), config, self.mesh)
+        self.mesh = cpu_mesh()
+        self.model, self.config = load_qwen2(ckpt, jcfg, self.mesh)
         self.tok = WordTokenizer(jcfg.vocab_size)
         cache = args.prompt_len + args.new_tokens
         rollout_config = base_rollout.RolloutConfig(
