@@ -177,9 +177,9 @@ def unrolled_layers(layers: Block, layer_params, x_btd, positions_bt, mask_bts, 
 
 
 # Smallest d_model whose decode layout is output-major on CPU (unstack_layers). Engine decode,
-# 32 + 128 tokens, (in, out) -> output-major: the 100M model (d 768) at batch 16 319 -> 388
-# tok/s (349 with the stored head) and batch 1 57 -> 59; the demo model (d 128, one XLA:CPU
-# thread) at batch 16 21.5k -> 18.4k tok/s, so small models keep the stored layout.
+# 32 + 128 tokens, output-major / (in, out) at batch 1 and 16: d 768 (the 100M model) 1.03x and
+# 1.22x (319 -> 388 tok/s; 349 with the stored head), d 512 (8 layers) 1.04x / 1.03x, d 256
+# 0.99x / 0.93x, d 128 (the demo model, one XLA:CPU thread) 0.85x at batch 16.
 OUT_MAJOR_MIN_D = 512
 
 
