@@ -255,7 +255,7 @@ class Core(nnx.Module):
         if cfg.adapter_init == "sum":
             eye = jnp.eye(D, dtype=jnp.float32)
             w = self.adapter[...].astype(jnp.float32) + jnp.concatenate([eye, eye])
-            self.adapter.value = w.astype(pd)
+            self.adapter[...] = w.astype(pd)  # `.value =` is deprecated from flax 0.12.12
         self.layers = _stacked_blocks(cfg.block_config(cfg.n_core), rngs.params())
         self.norm = RMSNorm(D, cfg.norm_eps, pd, rngs=rngs)
         self.remat, self.scan = cfg.remat, cfg.scan_layers

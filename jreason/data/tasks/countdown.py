@@ -26,6 +26,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import warnings
 from collections import Counter
 from fractions import Fraction
 
@@ -172,7 +173,9 @@ def evaluate(text: str) -> tuple[Fraction, list[int]] | None:
     if not expr or len(expr) > _MAX_EXPR_CHARS:
         return None
     try:
-        tree = ast.parse(expr, mode="eval")
+        with warnings.catch_warnings():  # model output: "1x" warns (SyntaxWarning) on 3.12+
+            warnings.simplefilter("ignore", SyntaxWarning)
+            tree = ast.parse(expr, mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
     used: list[int] = []
