@@ -185,18 +185,22 @@ OUT_MAJOR_MIN_D = 512
 
 def unstack_layers(params, out_major: bool | None = None) -> dict:
     """params with `layers` as a list of L per-layer dicts, projections fused: what the decode
-    engine runs on. `out_major` (default: on CPU from d_model OUT_MAJOR_MIN_D) stores every
-    projection output-major (`fuse_projections`) and adds the head that way, `head_vd` (V, D):
-    the embedding itself when tied, so a tied head costs no copy. On XLA:CPU the 100M model's
+    engine runs on.
+
+    `out_major` (default: on CPU from d_model OUT_MAJOR_MIN_D) stores every projection
+    output-major (`fuse_projections`) and adds the head that way, `head_vd` (V, D): the
+    embedding itself when tied, so a tied head costs no copy. On XLA:CPU the 100M model's
     16-row decode step reads its (D, V) head in 9.0 ms and `head_vd` in 6.6 ms (1-row steps:
-    the same); on GPU and TPU a transposed operand is free either way, so the stored layout is
-    kept there."""
+    the same). Otherwise a tied head on CPU gets a (D, V) copy, `head_dv`: XLA:CPU transposes
+    the embedding into a copy on every call (4% of the demo model's decode step, 0.748 ->
+    0.719 ms at batch 16). On GPU and TPU a transposed operand is free, so the stored layout
+    is kept there."""
     layers = params["layers"]
     if isinstance(layers, list):
         return params
+    on_cpu = jax.default_backend() == "cpu"
     if out_major is None:
-        D = params["embed"].shape[-1]
-        out_major = jax.default_backend() == "cpu" and D >= OUT_MAJOR_MIN_D
+        out_major = on_cpu and params["embed"].shape[-1] >= OUT_MAJOR_MIN_D
     n = jax.tree.leaves(layers)[0].shape[0]
     out = {
         **params,
@@ -206,6 +210,8 @@ def unstack_layers(params, out_major: bool | None = None) -> dict:
     }
     if out_major:
         out["head_vd"] = params["lm_head"].T if "lm_head" in params else params["embed"]
+    elif on_cpu and "lm_head" not in params:
+        out["head_dv"] = params["embed"].T
     return out
 
 
@@ -262,12 +268,12 @@ class Decoder(nnx.Module):
         """The output projection (D, V): the embedding's transpose when tied."""
         return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
 
-    def logits(self, h_btd, w_vd=None):
-        """Final-norm'd hidden states -> float32 logits (`w_vd`: the head stored output-major,
-        if given apart: unstack_layers)."""
+    def logits(self, h_btd, w_dv=None, w_vd=None):
+        """Final-norm'd hidden states -> float32 logits (the head given apart, if it is:
+        `w_dv` (D, V) or output-major `w_vd` (V, D); unstack_layers)."""
         if w_vd is not None:
             return vocab_head.logits_t(h_btd, w_vd)
-        return vocab_head.logits(h_btd, self.head_weight())
+        return vocab_head.logits(h_btd, self.head_weight() if w_dv is None else w_dv)
 
     def __call__(
         self,
@@ -280,6 +286,7 @@ class Decoder(nnx.Module):
         return_hidden: bool = False,
         head: bool = True,
         layer_params=None,
+        head_dv=None,
         head_vd=None,
         attend_len: int | None = None,
     ):
@@ -326,7 +333,7 @@ class Decoder(nnx.Module):
         h_btd = self.final_norm(x_btd)
         if not head:
             return h_btd, cache
-        logits_btv = self.logits(h_btd, head_vd)
+        logits_btv = self.logits(h_btd, head_dv, head_vd)
         if return_hidden:
             return logits_btv, cache, h_btd
         return logits_btv, cache
@@ -348,8 +355,9 @@ class Model:
             # the module is built on layer 0 only for its structure; the layers run from the list
             kw["layer_params"] = params["layers"]
             params = {**params, "layers": params["layers"][0]}
-            if "head_vd" in params:
-                kw["head_vd"] = params.pop("head_vd")
+            for name in ("head_dv", "head_vd"):
+                if name in params:
+                    kw[name] = params.pop(name)
         return self.module(params)(tokens_bt, positions_bt, cache, segment_ids_bt, **kw)
 
     # -- what the decode engine needs of a model (RecurrentModel has the same methods) ---------
@@ -373,6 +381,8 @@ class Model:
 
     def head_weight(self, params):
         """The (D, V) output projection of `params` (either layout)."""
+        if "head_dv" in params:
+            return params["head_dv"]
         if "head_vd" in params:
             return params["head_vd"].T
         return params["embed"].T if self.cfg.tie_embeddings else params["lm_head"]

@@ -51,6 +51,9 @@ def test_fused_layouts_compute_the_stored_forward(switches, out_major):
         assert layer["attn"]["k_proj"].shape == (D, 0, H)
         assert layer["mlp"]["up_proj"].shape == (D, 0)
         assert "head_vd" not in decode
+        # a tied head on CPU: a (D, V) copy, so no step transposes the embedding
+        on_cpu = jax.default_backend() == "cpu"
+        assert ("head_dv" in decode) == (on_cpu and cfg.tie_embeddings)
 
     tokens = jax.random.randint(jax.random.key(5), (2, 9), 1, cfg.vocab_size)
     positions = jnp.broadcast_to(jnp.arange(9), (2, 9))
