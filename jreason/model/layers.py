@@ -57,8 +57,8 @@ def dense_t(x, w_out_in, n_in: int = 1, preferred_element_type=None):
     """
     lead, in_shape = x.shape[: x.ndim - n_in], w_out_in.shape[w_out_in.ndim - n_in :]
     out_shape, k = w_out_in.shape[: w_out_in.ndim - n_in], math.prod(in_shape)
-    w_nk, x_mk = w_out_in.reshape(-1, k), x.reshape(-1, k)
-    y = jnp.matmul(w_nk, x_mk.T, preferred_element_type=preferred_element_type).T
+    w_oi, x_ri = w_out_in.reshape(-1, k), x.reshape(-1, k)
+    y = jnp.matmul(w_oi, x_ri.T, preferred_element_type=preferred_element_type).T
     return y.reshape(*lead, *out_shape)
 
 
@@ -100,7 +100,7 @@ class MLP(nnx.Module):
         out_major = self.up_proj.shape[0] == 0
         mm = dense_t if out_major else dense
         if out_major or self.up_proj.shape[-1] == 0:
-            gu_btg = mm(x_btd, self.gate_proj[...].astype(dt))  # BTD,D(2F)->BT(2F)
+            gu_btg = mm(x_btd, self.gate_proj[...].astype(dt))  # BTD,D(2F)|(2F)D->BT(2F)
             if self.bias:
                 gu_btg = gu_btg + self.gate_bias[...].astype(dt)
             gate_btf, up_btf = jnp.split(gu_btg, 2, axis=-1)
@@ -111,7 +111,7 @@ class MLP(nnx.Module):
                 gate_btf = gate_btf + self.gate_bias[...].astype(dt)
                 up_btf = up_btf + self.up_bias[...].astype(dt)
         h_btf = jax.nn.silu(gate_btf) * up_btf
-        out_btd = mm(h_btf, self.down_proj[...].astype(dt))  # BTF,FD->BTD
+        out_btd = mm(h_btf, self.down_proj[...].astype(dt))  # BTF,FD|DF->BTD
         if self.bias:
             out_btd = out_btd + self.down_bias[...].astype(dt)
         return out_btd

@@ -77,7 +77,7 @@ class Attention(nnx.Module):
         mm = dense_t if out_major else dense
         if out_major or self.k_proj.shape[1] == 0:  # one matmul for q, k and v
             N, K = cfg.n_heads, cfg.n_kv_heads
-            qkv_btch = mm(x_btd, self.q_proj[...].astype(dt))  # BTD,DCH->BTCH, C = N+2K
+            qkv_btch = mm(x_btd, self.q_proj[...].astype(dt))  # BTD,DCH|CHD->BTCH, C = N+2K
             if cfg.qkv_bias:
                 qkv_btch = qkv_btch + self.q_bias[...].astype(dt)
             q_btnh, k_btkh, v_btkh = jnp.split(qkv_btch, [N, N + K], axis=2)
@@ -110,7 +110,7 @@ class Attention(nnx.Module):
             keys_bskh = new_kv["k"].astype(dt).transpose(0, 3, 1, 2)
             values_bskh = new_kv["v"].astype(dt).transpose(0, 2, 1, 3)
             out_btnh = attention(q_btnh, keys_bskh, values_bskh, mask_bts, impl=cfg.attention_impl)
-        out_btd = mm(out_btnh, self.o_proj[...].astype(dt), n_in=2)  # BTNH,NHD->BTD
+        out_btd = mm(out_btnh, self.o_proj[...].astype(dt), n_in=2)  # BTNH,NHD|DNH->BTD
         if cfg.o_bias:
             out_btd = out_btd + self.o_bias[...].astype(dt)
         return out_btd, new_kv
@@ -194,7 +194,7 @@ def unstack_layers(params, out_major: bool | None = None) -> dict:
     the same). Otherwise a tied head on CPU gets a (D, V) copy, `head_dv`: XLA:CPU transposes
     the embedding into a copy on every call (4% of the demo model's decode step, 0.748 ->
     0.719 ms at batch 16). On GPU and TPU a transposed operand is free, so the stored layout
-    is kept there."""
+    is kept there. Params already unstacked are returned as they are, whatever `out_major`."""
     layers = params["layers"]
     if isinstance(layers, list):
         return params
@@ -380,7 +380,7 @@ class Model:
         return unstack_layers(params)
 
     def head_weight(self, params):
-        """The (D, V) output projection of `params` (either layout)."""
+        """The (D, V) output projection of `params` (stored or any decode layout)."""
         if "head_dv" in params:
             return params["head_dv"]
         if "head_vd" in params:

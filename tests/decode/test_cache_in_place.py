@@ -1,4 +1,5 @@
-"""The decode step updates the KV cache in place: no copy of a cache buffer in the compiled step.
+"""The decode step updates the KV cache in place and reads the weights where they are: no copy
+of a cache buffer, and no copy or transpose of a weight, in the compiled step.
 
 Not a timing: the compiled HLO is inspected for `copy` instructions whose shape is a cache
 buffer's. Such copies came from XLA rewriting a one-slot cache write into an out-of-place

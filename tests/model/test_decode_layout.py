@@ -91,3 +91,17 @@ def test_fused_layouts_of_sharded_params(out_major):
     assert ("head_vd" in decode) == out_major
     got, _ = jax.jit(model.apply)(decode, tokens, positions, model.init_cache(4, 8))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5)
+
+
+def test_cpu_default_is_output_major_from_out_major_min_d():
+    """decode_params' default (shapes only): output-major from d_model OUT_MAJOR_MIN_D on CPU,
+    the stored layout below it and on accelerators."""
+    from jreason.model.transformer import OUT_MAJOR_MIN_D, abstract_model
+
+    on_cpu = jax.default_backend() == "cpu"
+    for d, want in ((OUT_MAJOR_MIN_D, on_cpu), (OUT_MAJOR_MIN_D // 2, False)):
+        cfg = load_config("tiny", [f"d_model={d}", "n_layers=1", "n_heads=4"])
+        model, shapes = abstract_model(cfg)
+        decode = jax.eval_shape(model.decode_params, shapes)
+        assert ("head_vd" in decode) == want, d
+        assert (decode["layers"][0]["mlp"]["up_proj"].shape[0] == 0) == want, d

@@ -320,6 +320,8 @@ def main(argv=None):
             import tunix  # noqa: F401
         except ImportError:
             ap.error("--tunix: tunix is not installed here; run with its virtualenv (see --help)")
+        if args.dtype != "float32":
+            ap.error("--tunix: fp32 only (tunix_peer loads tunix's Qwen2 in its default fp32)")
     if args.engine_cache is not None and args.engine_cache < PROMPT_LEN + NEW_TOKENS:
         ap.error(f"--engine-cache {args.engine_cache}: must hold {PROMPT_LEN + NEW_TOKENS} tokens")
     import torch

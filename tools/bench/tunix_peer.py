@@ -51,7 +51,7 @@ class WordTokenizer:
 
 
 def cpu_mesh():
-    """tunix's one-device (fsdp, tp) = (1, 1) mesh, Auto axes (module docstring of sharding)."""
+    """tunix's one-device (fsdp, tp) = (1, 1) mesh, Auto axes, as rl_step.py runs it."""
     return jax.make_mesh((1, 1), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
