@@ -180,7 +180,7 @@ def bench(
         if tunix:
             from tunix_peer import TunixGreedy
 
-            peer = TunixGreedy(Path(tmp), cfg, PROMPT_LEN, NEW_TOKENS)
+            peer = TunixGreedy.load(Path(tmp), cfg, PROMPT_LEN, NEW_TOKENS)
     cfg = cfg.replace(dtype=dtype)
     model, _ = abstract_model(cfg)
     # Exactness is required only where both sides run the same fp32 arithmetic (module docstring).

@@ -72,7 +72,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_report, device_name  # noqa: E402
-from tunix_peer import PAD, WordTokenizer, cpu_mesh, load_qwen2  # noqa: E402
+from tunix_peer import PAD, TunixGreedy, WordTokenizer, cpu_mesh, load_qwen2  # noqa: E402
 
 SIZES = {
     # name: (hidden, layers, heads, kv_heads, intermediate, vocab)
@@ -361,26 +361,8 @@ class TunixGRPO:
         self.times: list[dict] = []
 
     def greedy(self, prompts: list[str], n: int) -> np.ndarray:
-        from tunix.generate import sampler as sampler_lib
-
-        s = sampler_lib.Sampler(
-            self.model,
-            self.tok,
-            sampler_lib.CacheConfig(
-                cache_size=self.args.prompt_len + n,
-                num_layers=self.config.num_layers,
-                num_kv_heads=self.config.num_kv_heads,
-                head_dim=self.config.head_dim,
-            ),
-        )
-        out = s(
-            prompts,
-            max_generation_steps=n,
-            max_prompt_length=self.args.prompt_len,
-            eos_tokens=[self.tok.eos_id()],
-            temperature=0.0,
-        )
-        return np.array([np.asarray(t) for t in out.tokens])
+        peer = TunixGreedy(self.model, self.config, self.tok, self.args.prompt_len, n)
+        return peer.generate(np.array([self.tok.encode(p) for p in prompts]))
 
     def logprobs(self, prompts: np.ndarray, completions: np.ndarray) -> np.ndarray:
         from flax import nnx

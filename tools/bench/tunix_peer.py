@@ -76,14 +76,13 @@ def load_qwen2(path: Path, jcfg, mesh):
 
 
 class TunixGreedy:
-    """tunix's `Sampler` over its Qwen2, greedy, prompts of `prompt_len` ids + `new_tokens`."""
+    """tunix's `Sampler` over its Qwen2 `model`, greedy, prompts of `prompt_len` ids +
+    `new_tokens` (`load`: the model from a checkpoint directory first)."""
 
-    def __init__(self, path: Path, jcfg, prompt_len: int, new_tokens: int):
+    def __init__(self, model, config, tok: WordTokenizer, prompt_len: int, new_tokens: int):
         from tunix.generate import sampler as sampler_lib
 
-        model, config = load_qwen2(path, jcfg, cpu_mesh())
-        self.tok = WordTokenizer(jcfg.vocab_size)
-        self.prompt_len, self.new_tokens = prompt_len, new_tokens
+        self.tok, self.prompt_len, self.new_tokens = tok, prompt_len, new_tokens
         self.sampler = sampler_lib.Sampler(
             model,
             self.tok,
@@ -94,6 +93,11 @@ class TunixGreedy:
                 head_dim=config.head_dim,
             ),
         )
+
+    @classmethod
+    def load(cls, path: Path, jcfg, prompt_len: int, new_tokens: int) -> TunixGreedy:
+        model, config = load_qwen2(path, jcfg, cpu_mesh())
+        return cls(model, config, WordTokenizer(jcfg.vocab_size), prompt_len, new_tokens)
 
     def generate(self, prompts: np.ndarray) -> np.ndarray:
         """(B, new_tokens) ids; a row tunix ended early (it reads a sampled pad id as the end)
